@@ -1,0 +1,329 @@
+"""Reading checkpoints safely and writing repconv's own files atomically.
+
+Accepted inputs: a state_dict saved with ``torch.save`` (bare, or under ``state_dict`` / ``model`` /
+``model_state_dict``, with DDP's ``module.`` prefix stripped), a ``.safetensors`` state_dict, and
+repconv's own container (``*.repconv.safetensors``: safetensors weights plus a JSON header holding the
+architecture, the plan and the input spec). ``torch.load`` always runs with ``weights_only=True``; a
+pickled ``nn.Module`` loads only with ``trust_pickle=True``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import pickle
+import tempfile
+import zipfile
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from repconv import __version__
+from repconv.convert.graph import trace
+from repconv.convert.plan import Plan
+from repconv.errors import ArchError, InputFileError, OutputError, RepconvError
+from repconv.models import ArchSpec, infer_num_classes, resolve_arch
+
+FORMAT_VERSION = 1
+META_KEY = "repconv"
+_WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "module")
+
+
+# ---------------------------------------------------------------- atomic output
+
+
+@contextlib.contextmanager
+def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``target``; rename it onto ``target`` only if the block succeeds."""
+    target = Path(target)
+    folder = target.parent if str(target.parent) else Path(".")
+    if not folder.is_dir():
+        raise OutputError(f"cannot write '{target}': folder '{folder}' does not exist", "create it first")
+    if not os.access(folder, os.W_OK):
+        raise OutputError(f"cannot write '{target}': folder '{folder}' is not writable",
+                          "choose another output path")
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=folder)
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        yield tmp
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text_atomic(target: str | os.PathLike, text: str) -> Path:
+    with atomic_path(target) as tmp:
+        tmp.write_text(text)
+    return Path(target)
+
+
+# ---------------------------------------------------------------- metadata
+
+
+@dataclass
+class CheckpointMeta:
+    """The header of a repconv container; also what export writes into ONNX metadata."""
+
+    arch: str | None = None
+    arch_kwargs: dict[str, Any] = field(default_factory=dict)
+    kind: str = "model"  # model | converted | folded
+    plan: Plan | None = None
+    input_size: tuple[int, int, int] = (3, 224, 224)
+    mean: tuple[float, ...] = (0.485, 0.456, 0.406)
+    std: tuple[float, ...] = (0.229, 0.224, 0.225)
+    class_names: list[str] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+    repconv_version: str = __version__
+    torch_version: str = torch.__version__
+    format_version: int = FORMAT_VERSION
+
+    def to_json(self) -> str:
+        data = asdict(self)
+        data["plan"] = self.plan.to_dict() if self.plan else None
+        return json.dumps(data)
+
+    @classmethod
+    def from_json(cls, text: str) -> CheckpointMeta:
+        data = json.loads(text)
+        if data.get("format_version", 1) > FORMAT_VERSION:
+            raise InputFileError(f"file format version {data['format_version']} is newer than this repconv reads",
+                                 "upgrade repconv")
+        data["plan"] = Plan.from_dict(data["plan"]) if data.get("plan") else None
+        data["input_size"] = tuple(data.get("input_size", (3, 224, 224)))
+        data["mean"], data["std"] = tuple(data.get("mean", ())), tuple(data.get("std", ()))
+        known = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    @classmethod
+    def for_arch(cls, spec: ArchSpec, arch_kwargs: dict | None = None, **kw) -> CheckpointMeta:
+        names = list(spec.class_names) if spec.class_names else None
+        if names and arch_kwargs and arch_kwargs.get("num_classes", len(names)) != len(names):
+            names = None
+        return cls(arch=spec.name, arch_kwargs=dict(arch_kwargs or {}), input_size=spec.input_size,
+                   mean=spec.mean, std=spec.std, class_names=names, **kw)
+
+
+@dataclass
+class Loaded:
+    """A model read from disk with everything known about it."""
+
+    model: nn.Module
+    meta: CheckpointMeta
+    path: Path | None = None
+
+    @property
+    def is_converted(self) -> bool:
+        return self.meta.kind == "converted"
+
+
+# ---------------------------------------------------------------- reading raw files
+
+
+def _check_file(path: Path) -> None:
+    if not path.exists():
+        raise InputFileError(f"'{path}' does not exist", "check the path")
+    if path.is_dir():
+        raise InputFileError(f"'{path}' is a folder, not a checkpoint file", "give the file inside it")
+    if path.stat().st_size == 0:
+        raise InputFileError(f"'{path}' is empty (0 bytes)", "re-save the checkpoint; the write was interrupted?")
+
+
+def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+        return load_file(str(path)), header
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise InputFileError(f"'{path}' is not a readable safetensors file ({exc})",
+                             "the file is truncated or corrupt: re-save it") from exc
+
+
+def _describe_pickle_error(path: Path, exc: Exception) -> RepconvError:
+    text = str(exc)
+    if "Unsupported global" in text or "GLOBAL" in text or "weights_only" in text.lower():
+        name = ""
+        for marker in ("Unsupported global: GLOBAL ", "GLOBAL "):
+            if marker in text:
+                name = text.split(marker, 1)[1].split()[0].rstrip(".,:")
+                break
+        what = f" ({name})" if name else ""
+        return InputFileError(
+            f"'{path}' holds a pickled Python object{what}, not plain weights, and loading it could run "
+            "code from the file",
+            "save model.state_dict() instead, or pass --trust-pickle if you trust where the file came from")
+    return InputFileError(f"'{path}' is not a PyTorch checkpoint ({type(exc).__name__}: "
+                          f"{text.splitlines()[0][:120] if text else ''})",
+                          "give a state_dict saved with torch.save, a .safetensors file or a repconv file")
+
+
+def read_torch_file(path: Path, trust_pickle: bool = False) -> Any:
+    head = path.read_bytes()[:4]
+    if head[:2] == b"PK":
+        try:
+            with zipfile.ZipFile(path) as zf:
+                names = zf.namelist()
+        except zipfile.BadZipFile as exc:
+            raise InputFileError(f"'{path}' is truncated or corrupt (not a complete zip archive)",
+                                 "re-save or re-download the checkpoint") from exc
+        if any(n.endswith("constants.pkl") or "/code/" in n for n in names):
+            raise InputFileError(f"'{path}' is a TorchScript archive, not a state_dict",
+                                 "save the eager model's weights with torch.save(model.state_dict(), path)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=not trust_pickle)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError,
+            ModuleNotFoundError, zipfile.BadZipFile, UnicodeDecodeError) as exc:
+        if isinstance(exc, (EOFError, zipfile.BadZipFile)) or "PytorchStreamReader" in str(exc):
+            return_exc = InputFileError(f"'{path}' is truncated or corrupt ({type(exc).__name__})",
+                                        "re-save or re-download the checkpoint")
+            raise return_exc from exc
+        raise _describe_pickle_error(path, exc) from exc
+
+
+def _unwrap_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
+    for _ in range(2):
+        if isinstance(obj, dict) and not _is_state_dict(obj):
+            inner = next((obj[k] for k in _WRAPPER_KEYS if k in obj and isinstance(obj[k], dict)), None)
+            if inner is None:
+                break
+            obj = inner
+    if not isinstance(obj, dict) or not _is_state_dict(obj):
+        raise InputFileError(f"'{path}' holds a {type(obj).__name__}, not a state_dict",
+                             "expected a dict of tensors, optionally under 'state_dict' or 'model'")
+    sd = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if sd and all(k.startswith("module.") for k in sd):
+        sd = {k[len("module."):]: v for k, v in sd.items()}
+    return sd
+
+
+def _is_state_dict(obj: dict) -> bool:
+    return bool(obj) and all(isinstance(k, str) for k in obj) and \
+        sum(isinstance(v, torch.Tensor) for v in obj.values()) >= max(1, len(obj) // 2)
+
+
+# ---------------------------------------------------------------- building models
+
+
+def fit_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], arch: str, path: Path | None) -> None:
+    """``load_state_dict(strict=True)`` with a short readable report instead of a stack trace."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    wrong = [f"{k} {tuple(state_dict[k].shape)} vs {tuple(own[k].shape)}"
+             for k in own if k in state_dict and own[k].shape != state_dict[k].shape]
+    if missing or unexpected or wrong:
+        parts = []
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
+            if keys:
+                shown = ", ".join(keys[:4]) + (f", ... ({len(keys)} in all)" if len(keys) > 4 else "")
+                parts.append(f"{len(keys)} {label}: {shown}")
+        src = f"'{path}'" if path else "the weights"
+        raise ArchError(f"{src} do not fit {arch}: " + "; ".join(parts),
+                        "check --arch (and --num-classes), or that the file belongs to this architecture")
+    model.load_state_dict(state_dict, strict=True)
+
+
+def build_from_meta(meta: CheckpointMeta) -> nn.Module:
+    """A fresh module with the structure the metadata describes (weights still random)."""
+    from repconv.convert.apply import apply_plan  # the one place plans are applied
+
+    model = resolve_arch(meta.arch).build(**meta.arch_kwargs)
+    if meta.plan is None or not meta.plan.steps:
+        return model
+    gm = trace(model, meta.plan.leaves)
+    return apply_plan(gm, meta.plan, model_for_init=None)
+
+
+def load(path: str | os.PathLike, *, arch: str | None = None, num_classes: int | None = None,
+         trust_pickle: bool = False) -> Loaded:
+    """Read any supported checkpoint into a module, with its metadata."""
+    path = Path(path)
+    _check_file(path)
+    with path.open("rb") as f:
+        head = f.read(8)
+    if path.suffix == ".safetensors" or (len(head) == 8 and 0 < int.from_bytes(head, "little") < 100_000_000
+                                         and path.suffix not in (".pt", ".pth", ".bin", ".ckpt")):
+        sd, header = read_safetensors(path)
+        if META_KEY in header:
+            meta = CheckpointMeta.from_json(header[META_KEY])
+            if arch and meta.arch and resolve_arch(arch).name != meta.arch:
+                raise ArchError(f"'{path}' was made for {meta.arch}, not {arch}", "drop --arch for repconv files")
+            model = build_from_meta(meta)
+            fit_state_dict(model, sd, meta.arch, path)
+            model.eval()
+            return Loaded(model, meta, path)
+        return _from_state_dict(sd, path, arch, num_classes)
+    obj = read_torch_file(path, trust_pickle)
+    if isinstance(obj, nn.Module):
+        if arch:
+            return _from_state_dict(obj.state_dict(), path, arch, num_classes)
+        meta = CheckpointMeta(arch=None, extra={"python_class": type(obj).__qualname__})
+        return Loaded(obj.eval(), meta, path)
+    return _from_state_dict(_unwrap_state_dict(obj, path), path, arch, num_classes)
+
+
+def _from_state_dict(sd: dict[str, torch.Tensor], path: Path, arch: str | None, num_classes: int | None) -> Loaded:
+    if not arch:
+        raise ArchError(f"'{path}' holds only weights, so repconv cannot tell the architecture",
+                        "pass --arch NAME (e.g. --arch resnet50)")
+    spec = resolve_arch(arch)
+    nc = num_classes or infer_num_classes(spec, sd)
+    kwargs = {"num_classes": nc} if nc is not None and nc != spec.num_classes else {}
+    if nc is not None and spec.source == "repconv":
+        kwargs = {"num_classes": nc}
+    model = spec.build(**kwargs)
+    fit_state_dict(model, sd, spec.name, path)
+    model.eval()
+    return Loaded(model, CheckpointMeta.for_arch(spec, kwargs), path)
+
+
+# ---------------------------------------------------------------- writing
+
+
+def save(path: str | os.PathLike, model: nn.Module, meta: CheckpointMeta) -> Path:
+    """Write a repconv container (safetensors weights + JSON header), atomically."""
+    from safetensors.torch import save_file
+
+    if meta.arch is None:
+        raise ArchError("cannot save a model whose architecture is unknown",
+                        "load it with --arch NAME so that the file can be rebuilt later")
+    sd = _plain_tensors(model.state_dict())
+    with atomic_path(path) as tmp:
+        save_file(sd, str(tmp), metadata={META_KEY: meta.to_json()})
+    return Path(path)
+
+
+def save_state_dict(path: str | os.PathLike, state_dict: dict[str, torch.Tensor],
+                    metadata: dict[str, str] | None = None) -> Path:
+    """A plain state_dict (``.safetensors``, or ``.pt`` by suffix) that any PyTorch code can load."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    sd = _plain_tensors(state_dict)
+    with atomic_path(path) as tmp:
+        if path.suffix in (".pt", ".pth"):
+            torch.save(sd, tmp)
+        else:
+            save_file(sd, str(tmp), metadata=metadata)
+    return path
+
+
+def _plain_tensors(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Contiguous, unshared CPU tensors, as safetensors requires."""
+    seen: set[int] = set()
+    out = {}
+    for k, v in sd.items():
+        t = v.detach().cpu().contiguous()
+        if t.untyped_storage().data_ptr() in seen:
+            t = t.clone()
+        seen.add(t.untyped_storage().data_ptr())
+        out[k] = t
+    return out

@@ -1,0 +1,3 @@
+"""Importing this module registers every model repconv defines itself."""
+
+from repconv.models import cifar_resnet  # noqa: F401
