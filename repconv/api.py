@@ -18,14 +18,28 @@ from repconv.checkpoint import CheckpointMeta, Loaded
 from repconv.checkpoint import load as _load_checkpoint
 from repconv.checkpoint import save as _save
 from repconv.convert.apply import apply_plan
-from repconv.convert.graph import (Run, count_flops, count_params, example_input, find_runs,
-                                   propagate_shapes, trace)
+from repconv.convert.graph import (
+    Run,
+    count_flops,
+    count_params,
+    example_input,
+    find_runs,
+    propagate_shapes,
+    trace,
+)
 from repconv.convert.plan import Plan
 from repconv.convert.replacement import replaced_units, select_units
 from repconv.errors import NothingToReplace, PlanError
 
 __all__ = [
-    "ConversionSummary", "Conversion", "load", "load_checkpoint", "save", "inspect", "convert", "summarize",
+    "Conversion",
+    "ConversionSummary",
+    "convert",
+    "inspect",
+    "load",
+    "load_checkpoint",
+    "save",
+    "summarize",
 ]
 
 METHODS = ("replacement", "parameter-free", "both")

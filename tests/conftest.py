@@ -1,0 +1,96 @@
+"""Shared fixtures: small traced models and a digits-trained checkpoint built once per session."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import repconv
+from repconv.checkpoint import CheckpointMeta, save
+from repconv.models import resolve_arch
+from repconv.train.data import DIGITS_CLASSES, digits
+
+torch.set_num_threads(2)
+
+
+class Chain(nn.Module):
+    """Five repeated Linear+LayerNorm units: interior members 1..3 are replaceable."""
+
+    def __init__(self, width: int = 8, depth: int = 5, classes: int = 3):
+        super().__init__()
+        self.stem = nn.Linear(4, width)
+        self.blocks = nn.Sequential(*[nn.Sequential(nn.Linear(width, width), nn.LayerNorm(width), nn.GELU())
+                                      for _ in range(depth)])
+        self.head = nn.Linear(width, classes)
+
+    def forward(self, x):
+        return self.head(self.blocks(self.stem(x)))
+
+
+@pytest.fixture
+def chain() -> nn.Module:
+    torch.manual_seed(0)
+    return Chain().eval()
+
+
+def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Non-trivial BN statistics and affine, so parity checks cannot pass by accident."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
+            m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+            if m.affine:
+                m.weight.data.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
+                m.bias.data.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
+    return model
+
+
+DIGITS_ARCH = "cifar_resnet20"
+DIGITS_SIZE = 32
+
+
+def _train_digits_model(epochs: int = 8, seed: int = 0) -> nn.Module:
+    spec = resolve_arch(DIGITS_ARCH)
+    torch.manual_seed(seed)
+    model = spec.build(num_classes=10)
+    train = digits("train", DIGITS_SIZE, spec.mean, spec.std)
+    loader = torch.utils.data.DataLoader(train, batch_size=64, shuffle=True,
+                                         generator=torch.Generator().manual_seed(seed))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4, nesterov=True)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, 0.1, total_steps=epochs * len(loader))
+    model.train()
+    for _ in range(epochs):
+        for x, y in loader:
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+            sched.step()
+    return model.eval()
+
+
+def accuracy(model: nn.Module, split: str = "val") -> float:
+    spec = resolve_arch(DIGITS_ARCH)
+    ds = digits(split, DIGITS_SIZE, spec.mean, spec.std)
+    model.eval()
+    with torch.no_grad():
+        pred = torch.cat([model(x).argmax(1) for x, in torch.utils.data.DataLoader(
+            torch.utils.data.TensorDataset(ds.tensors[0]), batch_size=256)])
+    return float((pred == ds.tensors[1]).float().mean())
+
+
+@pytest.fixture(scope="session")
+def digits_checkpoint(tmp_path_factory) -> str:
+    """Path of a repconv file holding a cifar_resnet20 trained on digits (>= 95% val accuracy)."""
+    model = _train_digits_model()
+    spec = resolve_arch(DIGITS_ARCH)
+    meta = CheckpointMeta.for_arch(spec, {"num_classes": 10}, class_names=DIGITS_CLASSES)
+    path = tmp_path_factory.mktemp("digits") / "digits_resnet20.repconv.safetensors"
+    save(path, model, meta)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def digits_model(digits_checkpoint) -> nn.Module:
+    return repconv.load(digits_checkpoint)
