@@ -105,7 +105,7 @@ def _reattach_unused(gm: fx.GraphModule, model: nn.Module) -> None:
             gm.add_submodule(path, module)
             present.update({f"{path}.{n}" if n else path: m for n, m in module.named_modules()})
     have = set(gm.state_dict())
-    for name, tensor in model.state_dict().items():
+    for name, _tensor in model.state_dict().items():
         if name not in have:  # a parameter or buffer of a non-leaf module that the graph never read
             owner_path, _, attr = name.rpartition(".")
             owner = gm.get_submodule(owner_path) if owner_path else gm

@@ -167,7 +167,7 @@ class Plan:
             raise PlanError("a unit is replaced twice in the plan", "list each unit once")
         for s in self.replace_steps:
             for other in units:
-                for role, path in (("prev", s.prev), ("next", s.next)):
+                for _role, path in (("prev", s.prev), ("next", s.next)):
                     if _within(path, other) or _within(other, path):
                         raise PlanError(f"unit '{s.unit}' takes its weights from '{path}', which overlaps "
                                         f"the replaced unit '{other}'",

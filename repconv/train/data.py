@@ -26,7 +26,7 @@ def digits_images(split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
     x = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16.0
     y = torch.tensor(data.target, dtype=torch.long)
     order = torch.randperm(len(y), generator=torch.Generator().manual_seed(DIGITS_SEED))
-    n_val = int(round(len(y) * DIGITS_VAL_FRACTION))
+    n_val = round(len(y) * DIGITS_VAL_FRACTION)
     idx = {"train": order[:-n_val], "val": order[-n_val:], "all": order}[split]
     return x[idx], y[idx]
 
