@@ -24,7 +24,6 @@ from repconv.convert.graph import (
     count_params,
     example_input,
     find_runs,
-    propagate_shapes,
     trace,
 )
 from repconv.convert.plan import Plan

@@ -7,8 +7,13 @@ from torch import nn
 import repconv
 from repconv.convert.graph import find_runs, trace
 from repconv.convert.plan import ReplaceStep
-from repconv.convert.replacement import (apply_replacement, initial_scalars, replaced_units, select_units,
-                                         synthesized_state)
+from repconv.convert.replacement import (
+    apply_replacement,
+    initial_scalars,
+    replaced_units,
+    select_units,
+    synthesized_state,
+)
 from repconv.errors import PlanError
 from repconv.models import resolve_arch
 from tests.conftest import randomize_bn
@@ -31,7 +36,7 @@ def test_every_units_and_max_fraction():
     assert len(select_units(runs, max_fraction=2.5 / 9, total_params=9 * 42)) == 2
     with pytest.raises(PlanError, match="--every 1"):
         select_units(runs, every=1)
-    with pytest.raises(PlanError, match="matches no replaceable unit.*replaceable units: 1, 2"):
+    with pytest.raises(PlanError, match=r"matches no replaceable unit.*replaceable units: 1, 2"):
         select_units(runs, units=["blocks.*"])
     with pytest.raises(PlanError, match="outside"):
         select_units(runs, max_fraction=1.5)
@@ -56,7 +61,7 @@ def test_lstsq_recovers_an_exact_linear_combination():
     a, b = 0.3, 0.7
     prev, unit, nxt = model.layer1[0], model.layer1[1], model.layer1[2]
     with torch.no_grad():
-        for (_, p), (_, q), (_, t) in zip(prev.named_parameters(), nxt.named_parameters(), unit.named_parameters()):
+        for p, q, t in zip(prev.parameters(), nxt.parameters(), unit.parameters(), strict=True):
             t.copy_(a * p + b * q)
     gm, steps = convert_chain(model, ["layer1.1"], init="lstsq")
     assert steps[0].a == pytest.approx(a, abs=1e-6) and steps[0].b == pytest.approx(b, abs=1e-6)
