@@ -24,6 +24,8 @@ from repconv.convert.graph import (
     count_params,
     example_input,
     find_runs,
+    module_output_shapes,
+    propagate_shapes,
     trace,
 )
 from repconv.convert.plan import Plan
@@ -111,9 +113,11 @@ class Conversion:
         return self.output
 
 
-def _runs_table(runs: Sequence[Run]) -> list[dict]:
+def _runs_table(runs: Sequence[Run], shapes: dict[str, tuple[int, ...]] | None = None) -> list[dict]:
+    shapes = shapes or {}
     return [{"container": r.container or "<root>", "members": list(r.members),
-             "interior": list(r.interior), "params_per_member": r.params_per_member} for r in runs]
+             "interior": list(r.interior), "params_per_member": r.params_per_member,
+             "output_shape": list(shapes.get(r.members[0], ())) or None} for r in runs]
 
 
 def plan_conversion(model: nn.Module, *, arch: str | None = None, method: str = "replacement", every: int = 2,
@@ -147,7 +151,8 @@ def _nothing_to_replace(runs: Sequence[Run]) -> str:
 
 
 def summarize(original: nn.Module, converted: nn.Module, plan: Plan, *, arch: str | None, method: str,
-              input_size: Sequence[int], runs: Sequence[Run] = (), leaves: Sequence[str] = ()) -> ConversionSummary:
+              input_size: Sequence[int], runs: Sequence[Run] = (), leaves: Sequence[str] = (),
+              shapes: dict | None = None) -> ConversionSummary:
     x = example_input(input_size, batch=1)
     flops_before, flops_after = count_flops(original, x), count_flops(converted, x)
     return ConversionSummary(
@@ -158,7 +163,7 @@ def summarize(original: nn.Module, converted: nn.Module, plan: Plan, *, arch: st
         macs_before=flops_before // 2, macs_after=flops_after // 2,
         replaced_units=list(replaced_units(converted)),
         steps=[{"kind": s.kind, **asdict(s)} for s in plan.steps],
-        runs=_runs_table(runs), opaque_modules=list(leaves), input_size=tuple(input_size))
+        runs=_runs_table(runs, shapes), opaque_modules=list(leaves), input_size=tuple(input_size))
 
 
 def convert(model: ModelLike, *, arch: str | None = None, num_classes: int | None = None,
@@ -176,6 +181,7 @@ def convert(model: ModelLike, *, arch: str | None = None, num_classes: int | Non
     leaves = list(Plan.load(plan).leaves if isinstance(plan, (str, os.PathLike)) else
                   plan.leaves if isinstance(plan, Plan) else ()) or list(leaves)
     gm = trace(copy.deepcopy(original), leaves)  # first, so an untraceable model is reported as such
+    propagate_shapes(gm, example_input(meta.input_size, batch=1))
     if plan is not None:
         plan = plan if isinstance(plan, Plan) else Plan.load(plan)
         plan.leaves = leaves
@@ -188,8 +194,9 @@ def convert(model: ModelLike, *, arch: str | None = None, num_classes: int | Non
     apply_plan(gm, plan, model_for_init=original)
     gm.eval()
     meta.kind, meta.plan = "converted", plan
+    shapes = module_output_shapes(gm, [m for r in runs for m in r.members[:1]])
     summary = summarize(original, gm, plan, arch=meta.arch, method=method, input_size=meta.input_size,
-                        runs=runs, leaves=leaves)
+                        runs=runs, leaves=leaves, shapes=shapes)
     result = Conversion(gm, plan, meta, summary)
     if output is not None:
         result.save(output)

@@ -71,14 +71,15 @@ def ratio(before: float, after: float) -> str:
 def _render_summary(s, title: str) -> None:
     if s.runs:
         runs = Table(title="Repeated units (runs)", title_justify="left")
-        for col in ("container", "members", "interior (replaceable)", "params / unit"):
+        for col in ("container", "members", "interior (replaceable)", "params / unit", "activation"):
             runs.add_column(col)
         for r in s.runs:
             members = r["members"]
             shown = ", ".join(m.rsplit(".", 1)[-1] for m in members)
             runs.add_row(r["container"], f"{len(members)}: {shown}",
                          ", ".join(m.rsplit(".", 1)[-1] for m in r["interior"]) or "-",
-                         human(r["params_per_member"]))
+                         human(r["params_per_member"]),
+                         "x".join(map(str, r["output_shape"][1:])) if r.get("output_shape") else "-")
         out.print(runs)
     if s.steps:
         steps = Table(title="Plan", title_justify="left")
