@@ -248,18 +248,26 @@ def parameter_free_report(model: nn.Module, *, leaves: Sequence[str] = (), input
 
     Returns ``(targets, policies)``; both are empty when the model has no target.
     """
-    from repconv.convert.parameter_free import POLICIES, apply_parameter_free, find_targets, plan_parameter_free
-    from repconv.convert.parameter_free import target_forms as forms
+    from repconv.convert.parameter_free import (
+        POLICIES,
+        apply_parameter_free,
+        describe_step,
+        find_targets,
+        plan_parameter_free,
+    )
 
     targets = find_targets(model, leaves=leaves)
     if not targets:
         return [], []
     rows = [{"target": t.path, "kind": t.kind, "kernel": t.kernel, "stride": t.stride, "absorbed": t.absorbed,
-             "params": t.params, **forms(t, op)} for t in targets]
+             "params": t.params} for t in targets]
     x = example_input(input_size, batch=1)
     policies = []
     for policy in POLICIES:
         steps = plan_parameter_free(model, policy=policy, op=op, leaves=leaves)
+        by_target = {s.target: s for s in steps}
+        for row in rows:
+            row[policy] = describe_step(by_target.get(row["target"]))
         gm = apply_parameter_free(trace(copy.deepcopy(model), leaves), steps)
         flops = count_flops(gm, x)
         policies.append({"policy": policy, "steps": len(steps), "params_after": count_params(gm),

@@ -258,18 +258,15 @@ def _step(t: Target, policy: str, op: str) -> ParameterFreeStep:
                              {"kind": t.kind})
 
 
-def target_forms(t: Target, op: str = "max") -> dict[str, str]:
-    """How each policy would change ``t``, as short text (for `inspect`)."""
-    out = {}
-    for policy in POLICIES:
-        s = _step(t, policy, op)
-        if s.form == "pool":
-            out[policy] = f"{s.op}pool{s.kernel}/s{s.stride}"
-        elif s.form == "avgpool_conv":
-            out[policy] = f"avgpool{s.kernel}/s{s.stride}+conv/s1"
-        else:
-            out[policy] = f"token mixer ({s.op}pool3)"
-    return out
+def describe_step(step: ParameterFreeStep | None) -> str:
+    """Short text for what a step does (for `inspect`); ``-`` when there is no step."""
+    if step is None:
+        return "-"
+    if step.form == "pool":
+        return f"{step.op}pool{step.kernel}/s{step.stride}"
+    if step.form == "avgpool_conv":
+        return f"avgpool{step.kernel}/s{step.stride}+conv/s1"
+    return f"token mixer ({step.op}pool3)"
 
 
 # ---------------------------------------------------------------- the fx rewrite
