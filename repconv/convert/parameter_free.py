@@ -205,7 +205,7 @@ def _attention_targets(model: nn.Module, gm: fx.GraphModule, exclude: Sequence[s
         return []
     pattern, prefix, attn_type = found
     targets = []
-    for path, module in gm.named_modules():
+    for path, module in model.named_modules():  # gm holds plain containers for traced-through modules
         if isinstance(module, attn_type) and fnmatch.fnmatchcase(path, pattern) and not _within(path, exclude):
             try:
                 _attention_region(gm, path)
@@ -349,7 +349,10 @@ def _attention_region(gm: fx.GraphModule, path: str) -> tuple[list[fx.Node], fx.
         outputs = [g for g in getters if g.args[1] == 0]
     else:
         outputs = [n for n in region if any(u not in members for u in n.users)]
-    inputs = {a for n in region for a in n.all_input_nodes if a not in members}
+    # optional graph inputs such as timm's attn_mask / is_causal are not data: the mixer ignores them
+    first_input = next(n for n in gm.graph.nodes if n.op == "placeholder")
+    inputs = {a for n in region for a in n.all_input_nodes
+              if a not in members and (a.op != "placeholder" or a is first_input)}
     if len(inputs) != 1 or len(outputs) != 1:
         raise PlanError(f"'{path}': the attention has {len(inputs)} inputs and {len(outputs)} outputs in the graph",
                         "only self-attention with one input and one output can become a token mixer")
