@@ -39,6 +39,7 @@ __all__ = [
     "inspect",
     "load",
     "load_checkpoint",
+    "parameter_free_report",
     "save",
     "summarize",
 ]
@@ -92,6 +93,7 @@ class ConversionSummary:
     steps: list[dict]
     runs: list[dict] = field(default_factory=list)
     parameter_free_targets: list[dict] = field(default_factory=list)
+    parameter_free_policies: list[dict] = field(default_factory=list)
     opaque_modules: list[str] = field(default_factory=list)
     input_size: tuple[int, int, int] = (3, 224, 224)
     message: str | None = None
@@ -137,8 +139,8 @@ def plan_conversion(model: nn.Module, *, arch: str | None = None, method: str = 
     if method in ("parameter-free", "both"):
         from repconv.convert.parameter_free import plan_parameter_free
 
-        steps += plan_parameter_free(model, policy=pf_policy, op=pf_op, units=pf_units,
-                                     exclude=[s.unit for s in steps])
+        kept = [p for s in steps for p in (s.unit, s.prev, s.next)]  # replaced units and their weight sources
+        steps += plan_parameter_free(model, policy=pf_policy, op=pf_op, units=pf_units, exclude=kept, leaves=leaves)
     return Plan(steps, arch, list(leaves)), runs
 
 
@@ -206,8 +208,19 @@ def convert(model: ModelLike, *, arch: str | None = None, num_classes: int | Non
 def inspect(model: ModelLike, **options) -> ConversionSummary:
     """What ``convert`` with the same options would do, without writing anything.
 
-    A model with nothing to replace is reported (``message``), not raised.
+    A model with nothing to replace is reported (``message``), not raised. The summary also lists the
+    model's parameter-free targets and what each parameter-free policy would save.
     """
+    summary = _inspect(model, **options)
+    loaded = load_checkpoint(model, arch=options.get("arch"), num_classes=options.get("num_classes"),
+                             trust_pickle=options.get("trust_pickle", False))
+    summary.parameter_free_targets, summary.parameter_free_policies = parameter_free_report(
+        loaded.model, leaves=options.get("leaves", ()), input_size=loaded.meta.input_size,
+        op=options.get("pf_op", "max"))
+    return summary
+
+
+def _inspect(model: ModelLike, **options) -> ConversionSummary:
     try:
         return convert(model, **options).summary
     except NothingToReplace as exc:
@@ -230,3 +243,39 @@ def check_round_trip(conversion: Conversion, path: str | os.PathLike) -> float:
     reloaded = load(path)
     with torch.no_grad():
         return float((conversion.model.eval()(x) - reloaded.eval()(x)).abs().max())
+
+
+# ---------------------------------------------------------------- parameter-free (issue 7)
+
+
+def parameter_free_report(model: nn.Module, *, leaves: Sequence[str] = (), input_size: Sequence[int] = (3, 224, 224),
+                          op: str = "max") -> tuple[list[dict], list[dict]]:
+    """The model's parameter-free targets, and the params / MACs each policy would leave.
+
+    Returns ``(targets, policies)``; both are empty when the model has no target.
+    """
+    from repconv.convert.parameter_free import (
+        POLICIES,
+        apply_parameter_free,
+        describe_step,
+        find_targets,
+        plan_parameter_free,
+    )
+
+    targets = find_targets(model, leaves=leaves)
+    if not targets:
+        return [], []
+    rows = [{"target": t.path, "kind": t.kind, "kernel": t.kernel, "stride": t.stride, "absorbed": t.absorbed,
+             "params": t.params} for t in targets]
+    x = example_input(input_size, batch=1)
+    policies = []
+    for policy in POLICIES:
+        steps = plan_parameter_free(model, policy=policy, op=op, leaves=leaves)
+        by_target = {s.target: s for s in steps}
+        for row in rows:
+            row[policy] = describe_step(by_target.get(row["target"]))
+        gm = apply_parameter_free(trace(copy.deepcopy(model), leaves), steps)
+        flops = count_flops(gm, x)
+        policies.append({"policy": policy, "steps": len(steps), "params_after": count_params(gm),
+                         "flops_after": flops, "macs_after": flops // 2})
+    return rows, policies
