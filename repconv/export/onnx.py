@@ -324,8 +324,13 @@ def export_onnx(model: nn.Module, output: str | os.PathLike, *, meta: Checkpoint
     on against the fp32 graph. Nothing is written when a check fails (unless ``verify`` is false).
     """
     say = progress or (lambda _msg: None)
-    _validate_options(model, output, dtype, exporter, ort_level, calib)
-    opset = resolve_opset(opset, exporter)
+    opset = check_options(output, dtype=dtype, exporter=exporter, ort_level=ort_level, calib=calib, opset=opset)
+    if not isinstance(model, nn.Module):
+        raise InputFileError(f"export needs a torch module, not a {type(model).__name__}",
+                             "load the checkpoint with repconv.load first")
+    if replaced_units(model):
+        raise InputFileError("the model still has replaced units (it is converted, not folded)",
+                             "fold it first (`repconv fold`), or call repconv.export, which folds")
     notes: list[str] = []
     model = model.eval()
     fusion = None
@@ -372,22 +377,18 @@ def export_onnx(model: nn.Module, output: str | os.PathLike, *, meta: Checkpoint
                         path.stat().st_size, {p.key: p.value for p in graph.metadata_props}, fusion, verify, notes)
 
 
-def _validate_options(model: nn.Module, output: str | os.PathLike, dtype: str, exporter: str, ort_level: str,
-                      calib: str | None) -> None:
+def check_options(output: str | os.PathLike, *, dtype: str = "fp32", exporter: str = "dynamo",
+                  ort_level: str = "all", calib: str | None = None, opset: int | None = None, **_ignored) -> int:
+    """Reject bad export options before any work is done; returns the opset to use."""
     if Path(output).suffix != ".onnx":
         raise OutputError(f"'{output}' does not end in .onnx", "name the output FILE.onnx")
-    if not isinstance(model, nn.Module):
-        raise InputFileError(f"export needs a torch module, not a {type(model).__name__}",
-                             "load the checkpoint with repconv.load first")
-    if replaced_units(model):
-        raise InputFileError("the model still has replaced units (it is converted, not folded)",
-                             "fold it first (`repconv fold`), or call repconv.export, which folds")
     for value, allowed, name in ((dtype, DTYPES, "--dtype"), (exporter, EXPORTERS, "--exporter"),
                                  (ort_level, ORT_LEVELS, "--ort-level")):
         if value not in allowed:
             raise RepconvError(f"unknown {name} '{value}'", f"use one of {', '.join(allowed)}")
     if dtype == "int8" and not calib:
         raise RepconvError("int8 export needs calibration images", "pass --calib digits or --calib DIR")
+    return resolve_opset(opset, exporter)
 
 
 def _references(model: nn.Module, input_size, dynamic_batch: bool, batch_size: int):
