@@ -71,6 +71,10 @@ def convert_fold_export(name: str, tmp_path, size: int, exporter: str = "legacy"
     kwargs = {"image_size": size} if name.startswith("vit_") else {}
     torch.manual_seed(0)
     model = randomize_bn(spec.build(**kwargs)).eval()
+    with torch.no_grad():  # zero-initialized heads (ViT) would make every logit 0 and parity vacuous
+        for p in model.parameters():
+            if p.ndim > 1 and not p.any():
+                p.normal_(std=0.02)
     meta = CheckpointMeta.for_arch(spec, kwargs)
     meta.input_size = (3, size, size)
     try:
