@@ -36,6 +36,8 @@ INPUT_NAME, OUTPUT_NAME = "input", "logits"
 DTYPES = ("fp32", "fp16", "int8")
 EXPORTERS = ("dynamo", "legacy")
 ORT_LEVELS = ("disable", "basic", "extended", "all")
+# fp32: max abs error 1e-4 for logits up to 1 in magnitude, 1e-4 relative beyond (float32 rounding grows
+# with the values: a random ResNet-50 with logits ~150 differs by 1.5e-4 abs, 1e-6 relative).
 FP32_ABS_TOLERANCE = 1e-4
 FP16_REL_TOLERANCE = 1e-2  # max |fp16 - fp32| / max |fp32 logit|
 MIN_AGREEMENT = {"fp16": 0.99, "int8": 0.98}  # top-1 agreement with the fp32 graph on real images
@@ -232,8 +234,10 @@ def _parity_check(stage: str, model: onnx.ModelProto, references: Sequence[tuple
     for x, ref in references:
         diff, rel = error_stats(torch.from_numpy(ref), torch.from_numpy(run_onnx(session, x)))
         worst_abs, worst_rel = max(worst_abs, diff), max(worst_rel, rel)
+    scale = max(1.0, max(float(np.abs(ref).max()) for _, ref in references))
+    tolerance = f"max abs <= {FP32_ABS_TOLERANCE:g}" + (f" x {scale:.3g} (max |logit|)" if scale > 1 else "")
     return Check(stage, "pytorch", inputs, tuple(len(x) for x, _ in references), worst_abs, worst_rel,
-                 f"max abs <= {FP32_ABS_TOLERANCE:g}", worst_abs <= FP32_ABS_TOLERANCE)
+                 tolerance, worst_abs <= FP32_ABS_TOLERANCE * scale)
 
 
 def _precision_check(stage: str, model: onnx.ModelProto, x: torch.Tensor, reference: np.ndarray, level: str,
