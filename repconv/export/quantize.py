@@ -35,10 +35,11 @@ def to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
 
 def to_int8(model: onnx.ModelProto, calibration: torch.Tensor, *, input_name: str = "input",
             batch_size: int = 16) -> onnx.ModelProto:
-    """Static QDQ quantization: int8 per-channel weights, int8 activations calibrated (min/max) on
-    ``calibration`` images. The graph is pre-processed (shape inference, fusions) first, as onnxruntime
-    recommends. Signed activations (S8S8): uint8 activations (U8S8) saturate on x86 CPUs without VNNI
-    (measured: 95.5% top-1 agreement on digits against 100% for S8S8)."""
+    """Static QDQ quantization: per-channel int8 weights (7-bit range), uint8 activations calibrated
+    (min/max) on ``calibration`` images. The graph is pre-processed (shape inference, fusions) first, as
+    onnxruntime recommends. ``reduce_range``: full-range U8S8 saturates on x86 CPUs without VNNI
+    (measured on digits: 95.5% top-1 agreement; 99.7% with the 7-bit weights), and S8S8, though exact
+    (100%), ran no faster than fp32 there (1.01x against 1.8x for U8S8)."""
     from onnxruntime.quantization import CalibrationDataReader
 
     class Reader(CalibrationDataReader):
@@ -67,7 +68,8 @@ def _quantize(model: onnx.ModelProto, reader) -> onnx.ModelProto:
         onnx.save_model(model, src)
         quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
         quantize_static(str(pre), str(dst), reader, quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8)
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        reduce_range=True)
         return onnx.load(dst)
 
 
