@@ -142,7 +142,7 @@ def run(quick: bool, threads: int, size: int, batches: list[int], plain: bool = 
 
 
 def render(results: dict) -> None:
-    console = Console()
+    console = Console(width=160)
     batches = results["config"]["batches"]
     table = Table(title=f"CPU latency, median ms ({results['config']['threads']} threads, "
                         f"{results['config']['size']}px)", title_justify="left")
