@@ -337,7 +337,9 @@ def measured_units(original: nn.Module, input_size, *, data, budget: int | None 
 
 @dataclass
 class CalibrationResult:
-    units: list[dict]  # per unit: a, b before/after and relative output error before/after
+    units: list[dict]  # per unit: a, b before and after
+    kl_before: float  # KL(teacher || model) on the calibration batches
+    kl_after: float
     val_acc: float | None
     val_acc_before: float | None
     teacher_val_acc: float | None
@@ -354,7 +356,7 @@ class CalibrationResult:
 def calibrate(model: ModelLike, *, teacher: ModelLike | None, data: str | os.PathLike,
               output: str | os.PathLike | None = None, val_data: str | os.PathLike | None = None,
               batches: int = 4, batch_size: int = 32, select: str = "all", budget: int | None = None,
-              max_iter: int = 40, input_size=None, mean=None, std=None, seed: int = 0,
+              max_iter: int = 20, input_size=None, mean=None, std=None, seed: int = 0,
               trust_pickle: bool = False) -> CalibrationResult:
     """Fit each replaced unit's (a, b) to the teacher unit's outputs on a few batches (function space).
 
@@ -378,7 +380,7 @@ def calibrate(model: ModelLike, *, teacher: ModelLike | None, data: str | os.Pat
     if select == "measured":
         from repconv.train.calibrate import least_harmful, measure_damage
 
-        damages = measure_damage(t.model, loaded.meta.plan.replace_steps, calib, max_iter)
+        damages = measure_damage(t.model, loaded.meta.plan.replace_steps, calib)
         selected = least_harmful(damages, budget)
         plan = Plan([s for s in loaded.meta.plan.steps if getattr(s, "unit", None) in (None, *selected)],
                     loaded.meta.plan.arch, list(loaded.meta.plan.leaves))
@@ -387,12 +389,13 @@ def calibrate(model: ModelLike, *, teacher: ModelLike | None, data: str | os.Pat
         damage = [asdict(d) for d in damages]
     student = loaded.model.eval()
     before = _val_accuracy(student, val_set)
-    fits = calibrate_units(student, t.model, calib, max_iter)
+    cal = calibrate_units(student, t.model, calib, max_iter)
     for s in loaded.meta.plan.replace_steps:  # the plan records the calibrated scalars too
-        fit = next((f for f in fits if f.unit == s.unit), None)
+        fit = next((f for f in cal.units if f.unit == s.unit), None)
         if fit:
             s.a, s.b, s.init = fit.a, fit.b, "fixed"
-    result = CalibrationResult([asdict(f) for f in fits], _val_accuracy(student, val_set), before,
+    result = CalibrationResult([asdict(f) for f in cal.units], cal.kl_before, cal.kl_after,
+                               _val_accuracy(student, val_set), before,
                                _val_accuracy(t.model, val_set), len(calib), sum(len(x) for x in calib),
                                selected, damage)
     if output is not None:

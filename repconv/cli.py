@@ -281,12 +281,12 @@ def calibrate(model: ModelArg, data: DataOpt, output: OutOpt, teacher: TeacherOp
             dt.add_row(d["unit"], f"{d['kl']:.4g}", "yes" if d["unit"] in r.selected else "no")
         out.print(dt)
     table = Table(title=f"Calibrated on {r.batches} batches ({r.images} images) -> {r.output}", title_justify="left")
-    for col in ("unit", "a", "b", "output error before", "after"):
+    for col in ("unit", "a", "b"):
         table.add_column(col, justify="left" if col == "unit" else "right")
     for u in r.units:
-        table.add_row(u["unit"], f"{u['a_before']:.4f} -> {u['a']:.4f}", f"{u['b_before']:.4f} -> {u['b']:.4f}",
-                      f"{u['error_before']:.2%}", f"{u['error_after']:.2%}")
+        table.add_row(u["unit"], f"{u['a_before']:.4f} -> {u['a']:.4f}", f"{u['b_before']:.4f} -> {u['b']:.4f}")
     out.print(table)
+    out.print(f"KL(teacher || model) on the calibration batches: {r.kl_before:.4g} -> {r.kl_after:.4g}")
     if r.val_acc is not None:
         out.print(f"val accuracy: {_pct(r.val_acc_before)} before, {_pct(r.val_acc)} after "
                   f"(teacher {_pct(r.teacher_val_acc)})")
