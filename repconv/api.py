@@ -24,6 +24,7 @@ from repconv.convert.graph import (
     count_params,
     example_input,
     find_runs,
+    module_output_shapes,
     propagate_shapes,
     trace,
 )
@@ -44,6 +45,7 @@ __all__ = [
     "load",
     "load_checkpoint",
     "measured_units",
+    "parameter_free_report",
     "save",
     "summarize",
     "train",
@@ -98,6 +100,7 @@ class ConversionSummary:
     steps: list[dict]
     runs: list[dict] = field(default_factory=list)
     parameter_free_targets: list[dict] = field(default_factory=list)
+    parameter_free_policies: list[dict] = field(default_factory=list)
     opaque_modules: list[str] = field(default_factory=list)
     input_size: tuple[int, int, int] = (3, 224, 224)
     message: str | None = None
@@ -119,9 +122,11 @@ class Conversion:
         return self.output
 
 
-def _runs_table(runs: Sequence[Run]) -> list[dict]:
+def _runs_table(runs: Sequence[Run], shapes: dict[str, tuple[int, ...]] | None = None) -> list[dict]:
+    shapes = shapes or {}
     return [{"container": r.container or "<root>", "members": list(r.members),
-             "interior": list(r.interior), "params_per_member": r.params_per_member} for r in runs]
+             "interior": list(r.interior), "params_per_member": r.params_per_member,
+             "output_shape": list(shapes.get(r.members[0], ())) or None} for r in runs]
 
 
 def plan_conversion(model: nn.Module, *, arch: str | None = None, method: str = "replacement", every: int = 2,
@@ -141,8 +146,8 @@ def plan_conversion(model: nn.Module, *, arch: str | None = None, method: str = 
     if method in ("parameter-free", "both"):
         from repconv.convert.parameter_free import plan_parameter_free
 
-        steps += plan_parameter_free(model, policy=pf_policy, op=pf_op, units=pf_units,
-                                     exclude=[s.unit for s in steps])
+        kept = [p for s in steps for p in (s.unit, s.prev, s.next)]  # replaced units and their weight sources
+        steps += plan_parameter_free(model, policy=pf_policy, op=pf_op, units=pf_units, exclude=kept, leaves=leaves)
     return Plan(steps, arch, list(leaves)), runs
 
 
@@ -155,7 +160,8 @@ def _nothing_to_replace(runs: Sequence[Run]) -> str:
 
 
 def summarize(original: nn.Module, converted: nn.Module, plan: Plan, *, arch: str | None, method: str,
-              input_size: Sequence[int], runs: Sequence[Run] = (), leaves: Sequence[str] = ()) -> ConversionSummary:
+              input_size: Sequence[int], runs: Sequence[Run] = (), leaves: Sequence[str] = (),
+              shapes: dict | None = None) -> ConversionSummary:
     x = example_input(input_size, batch=1)
     flops_before, flops_after = count_flops(original, x), count_flops(converted, x)
     return ConversionSummary(
@@ -166,7 +172,7 @@ def summarize(original: nn.Module, converted: nn.Module, plan: Plan, *, arch: st
         macs_before=flops_before // 2, macs_after=flops_after // 2,
         replaced_units=list(replaced_units(converted)),
         steps=[{"kind": s.kind, **asdict(s)} for s in plan.steps],
-        runs=_runs_table(runs), opaque_modules=list(leaves), input_size=tuple(input_size))
+        runs=_runs_table(runs, shapes), opaque_modules=list(leaves), input_size=tuple(input_size))
 
 
 def convert(model: ModelLike, *, arch: str | None = None, num_classes: int | None = None,
@@ -186,10 +192,13 @@ def convert(model: ModelLike, *, arch: str | None = None, num_classes: int | Non
         raise PlanError("the model is already converted", "convert the original checkpoint instead")
     original = loaded.model.eval()
     meta = copy.deepcopy(loaded.meta)
+    leaves = list(Plan.load(plan).leaves if isinstance(plan, (str, os.PathLike)) else
+                  plan.leaves if isinstance(plan, Plan) else ()) or list(leaves)
+    gm = trace(copy.deepcopy(original), leaves)  # first, so an untraceable model is reported as such
+    propagate_shapes(gm, example_input(meta.input_size, batch=1))
     if plan is not None:
         plan = plan if isinstance(plan, Plan) else Plan.load(plan)
-        leaves = list(plan.leaves) or list(leaves)
-        plan.leaves = list(leaves)
+        plan.leaves = leaves
         runs = find_runs(original, opaque=leaves)
     else:
         if select not in ("position", "measured"):
@@ -202,13 +211,12 @@ def convert(model: ModelLike, *, arch: str | None = None, num_classes: int | Non
                                      max_fraction=max_fraction, init=init, neighbor_grad=neighbor_grad,
                                      leaves=leaves, pf_policy=pf_policy, pf_op=pf_op, pf_units=pf_units)
     plan.arch = meta.arch
-    gm = trace(copy.deepcopy(original), leaves)
-    propagate_shapes(gm, example_input(meta.input_size))
     apply_plan(gm, plan, model_for_init=original)
     gm.eval()
     meta.kind, meta.plan = "converted", plan
+    shapes = module_output_shapes(gm, [m for r in runs for m in r.members[:1]])
     summary = summarize(original, gm, plan, arch=meta.arch, method=method, input_size=meta.input_size,
-                        runs=runs, leaves=leaves)
+                        runs=runs, leaves=leaves, shapes=shapes)
     result = Conversion(gm, plan, meta, summary)
     if output is not None:
         result.save(output)
@@ -218,8 +226,19 @@ def convert(model: ModelLike, *, arch: str | None = None, num_classes: int | Non
 def inspect(model: ModelLike, **options) -> ConversionSummary:
     """What ``convert`` with the same options would do, without writing anything.
 
-    A model with nothing to replace is reported (``message``), not raised.
+    A model with nothing to replace is reported (``message``), not raised. The summary also lists the
+    model's parameter-free targets and what each parameter-free policy would save.
     """
+    summary = _inspect(model, **options)
+    loaded = load_checkpoint(model, arch=options.get("arch"), num_classes=options.get("num_classes"),
+                             trust_pickle=options.get("trust_pickle", False))
+    summary.parameter_free_targets, summary.parameter_free_policies = parameter_free_report(
+        loaded.model, leaves=options.get("leaves", ()), input_size=loaded.meta.input_size,
+        op=options.get("pf_op", "max"))
+    return summary
+
+
+def _inspect(model: ModelLike, **options) -> ConversionSummary:
     try:
         return convert(model, **options).summary
     except NothingToReplace as exc:
@@ -242,6 +261,42 @@ def check_round_trip(conversion: Conversion, path: str | os.PathLike) -> float:
     reloaded = load(path)
     with torch.no_grad():
         return float((conversion.model.eval()(x) - reloaded.eval()(x)).abs().max())
+
+
+# ---------------------------------------------------------------- parameter-free (issue 7)
+
+
+def parameter_free_report(model: nn.Module, *, leaves: Sequence[str] = (), input_size: Sequence[int] = (3, 224, 224),
+                          op: str = "max") -> tuple[list[dict], list[dict]]:
+    """The model's parameter-free targets, and the params / MACs each policy would leave.
+
+    Returns ``(targets, policies)``; both are empty when the model has no target.
+    """
+    from repconv.convert.parameter_free import (
+        POLICIES,
+        apply_parameter_free,
+        describe_step,
+        find_targets,
+        plan_parameter_free,
+    )
+
+    targets = find_targets(model, leaves=leaves)
+    if not targets:
+        return [], []
+    rows = [{"target": t.path, "kind": t.kind, "kernel": t.kernel, "stride": t.stride, "absorbed": t.absorbed,
+             "params": t.params} for t in targets]
+    x = example_input(input_size, batch=1)
+    policies = []
+    for policy in POLICIES:
+        steps = plan_parameter_free(model, policy=policy, op=op, leaves=leaves)
+        by_target = {s.target: s for s in steps}
+        for row in rows:
+            row[policy] = describe_step(by_target.get(row["target"]))
+        gm = apply_parameter_free(trace(copy.deepcopy(model), leaves), steps)
+        flops = count_flops(gm, x)
+        policies.append({"policy": policy, "steps": len(steps), "params_after": count_params(gm),
+                         "flops_after": flops, "macs_after": flops // 2})
+    return rows, policies
 
 
 # ---------------------------------------------------------------- recover and train (issue 3)

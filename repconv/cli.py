@@ -71,14 +71,15 @@ def ratio(before: float, after: float) -> str:
 def _render_summary(s, title: str) -> None:
     if s.runs:
         runs = Table(title="Repeated units (runs)", title_justify="left")
-        for col in ("container", "members", "interior (replaceable)", "params / unit"):
+        for col in ("container", "members", "interior (replaceable)", "params / unit", "activation"):
             runs.add_column(col)
         for r in s.runs:
             members = r["members"]
             shown = ", ".join(m.rsplit(".", 1)[-1] for m in members)
             runs.add_row(r["container"], f"{len(members)}: {shown}",
                          ", ".join(m.rsplit(".", 1)[-1] for m in r["interior"]) or "-",
-                         human(r["params_per_member"]))
+                         human(r["params_per_member"]),
+                         "x".join(map(str, r["output_shape"][1:])) if r.get("output_shape") else "-")
         out.print(runs)
     if s.steps:
         steps = Table(title="Plan", title_justify="left")
@@ -103,10 +104,32 @@ def _render_summary(s, title: str) -> None:
                   ratio(s.macs_before, s.macs_after))
     table.add_row("replaced units", "", str(len(s.replaced_units)), "")
     out.print(table)
+    _render_parameter_free(s)
     if s.opaque_modules:
         err.print(f"opaque (not rewritten): {', '.join(s.opaque_modules)}")
     if s.message:
         err.print(f"[yellow]nothing to convert:[/] {s.message}")
+
+
+def _render_parameter_free(s) -> None:
+    if not s.parameter_free_targets:
+        return
+    targets = Table(title="Parameter-free targets", title_justify="left")
+    for col in ("target", "kind", "k/s", "params", "absorbs", "all", "hybrid"):
+        targets.add_column(col)
+    for t in s.parameter_free_targets:
+        absorbs = ", ".join(a.rsplit(".", 1)[-1] for a in t["absorbed"]) or "-"
+        targets.add_row(t["target"], t["kind"], f"{t['kernel']}/{t['stride']}", human(t["params"]), absorbs,
+                        t["all"], t["hybrid"])
+    out.print(targets)
+    policies = Table(title="What each parameter-free policy would leave", title_justify="left")
+    for col in ("policy", "steps", "parameters", "ratio", f"MACs @ {s.input_size[1]}x{s.input_size[2]}", "ratio"):
+        policies.add_column(col, justify="left" if col == "policy" else "right")
+    for p in s.parameter_free_policies:
+        policies.add_row(p["policy"], str(p["steps"]), human(p["params_after"]),
+                         ratio(s.params_before, p["params_after"]), human(p["macs_after"]),
+                         ratio(s.macs_before, p["macs_after"]))
+    out.print(policies)
 
 
 ConvertOptions = dict

@@ -78,3 +78,21 @@ def digits_checkpoint(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def digits_model(digits_checkpoint) -> nn.Module:
     return repconv.load(digits_checkpoint)
+
+
+@pytest.fixture
+def run_cli(capsys):
+    """Run the `repconv` CLI in-process: returns (exit code, stdout, stderr)."""
+    from repconv.cli import main
+
+    def run(*args: str) -> tuple[int, str, str]:
+        capsys.readouterr()
+        try:
+            main([str(a) for a in args])
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
+    return run

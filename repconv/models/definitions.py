@@ -1,3 +1,4 @@
 """Importing this module registers every model repconv defines itself."""
 
 from repconv.models import cifar_resnet  # noqa: F401
+from repconv.models import pf_resnet  # noqa: F401
