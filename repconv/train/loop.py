@@ -177,7 +177,7 @@ def objective_loss(cfg: TrainConfig, logits: torch.Tensor, labels: torch.Tensor,
     return cfg.alpha * ce + (1 - cfg.alpha) * kd
 
 
-def _optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+def make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
     other = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
     groups = [g for g in ({"params": decay, "weight_decay": cfg.weight_decay},
@@ -315,7 +315,7 @@ def _fit(model, train_set, cfg, val_set, teacher, save_model, output, resume, pr
                         drop_last=len(sampler) >= cfg.batch_size, pin_memory=device.type == "cuda")
     batches = min(len(loader), cfg.batches_per_epoch or len(loader))
     steps_per_epoch = math.ceil(batches / cfg.accum_steps)
-    opt = _optimizer(cfg, model)
+    opt = make_optimizer(cfg, model)
     sched = _schedule(opt, cfg.epochs * steps_per_epoch, round(cfg.warmup_epochs * steps_per_epoch))
     amp_dtype, use_scaler = _amp(cfg, device)
     scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
