@@ -494,8 +494,13 @@ def _train_config(**kw):
 def _fit(model: nn.Module, meta: CheckpointMeta, cfg, *, train_set, val_set, teacher, output, resume, progress,
          to_save=None):
     """Run the loop; after each epoch (rank 0) save ``to_save(model)`` (default: the model) with ``meta``."""
+    from repconv.errors import OutputError
     from repconv.train.loop import fit, metrics_path_for, state_path_for
 
+    folder = Path(output).parent
+    if not folder.is_dir() or not os.access(folder, os.W_OK):
+        raise OutputError(f"cannot write '{output}': folder '{folder}' does not exist or is not writable",
+                          "create it or choose another output path")
     def save_model(m: nn.Module, metrics: dict) -> None:
         meta.extra["training"] = {k: metrics.get(k) for k in ("epoch", "train_loss", "val_acc")}
         _save(output, to_save(m) if to_save else m, meta)
