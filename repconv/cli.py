@@ -186,12 +186,19 @@ def convert(model: ModelArg,
             plan: PlanOpt = None, leaf: LeafOpt = None, pf_policy: PfPolicyOpt = "all", pf_op: PfOpOpt = "max",
             pf_units: PfUnitsOpt = None,
             plan_out: Annotated[Path | None, typer.Option("--plan-out", help="also write the plan as JSON")] = None,
+            select: Annotated[str, typer.Option("--select", help="position (--every/--units) | measured (least "
+                                                "KL damage on --data, up to --budget units)")] = "position",
+            budget: Annotated[int | None, typer.Option("--budget", help="max replaced units with --select "
+                                                       "measured")] = None,
+            data: Annotated[str | None, typer.Option("--data", help="calibration data for --select measured: "
+                                                     "digits or a folder")] = None,
             trust_pickle: TrustOpt = False, as_json: JsonOpt = False) -> None:
     """Rewrite a checkpoint into the Replacement Learning and/or parameter-free form."""
     from repconv import api
     from repconv.checkpoint import write_text_atomic
 
     result = api.convert(model, arch=arch, num_classes=num_classes, trust_pickle=trust_pickle, output=output,
+                         select=select, budget=budget, data=data,
                          **_convert_options(method, every, units, max_fraction, init, neighbor_grad, plan,
                                             leaf, pf_policy, pf_op, pf_units))
     if plan_out:
@@ -221,6 +228,164 @@ def models_(source: Annotated[str | None, typer.Option(help="repconv | torchvisi
 
 
 # ---------------------------------------------------------------- train (issue 3: calibrate, finetune, train)
+
+DataOpt = Annotated[str, typer.Option("--data", help="'digits' (bundled, no download), an ImageFolder tree "
+                                      "(ROOT/CLASS/*.jpg; ROOT/train and ROOT/val when present) or a folder of "
+                                      "unlabeled images (distillation)")]
+ValDataOpt = Annotated[str | None, typer.Option("--val-data", help="labeled validation images (default: the "
+                                                "data's own val split when it has one)")]
+TeacherOpt = Annotated[Path | None, typer.Option("--teacher", help="the original checkpoint (any file repconv "
+                                                 "loads)")]
+OutOpt = Annotated[Path, typer.Option("-o", "--output", help="output file (*.repconv.safetensors)")]
+SizeOpt = Annotated[int | None, typer.Option("--input-size", help="square input size (default: the model's)")]
+MeanOpt = Annotated[list[float] | None, typer.Option("--mean", help="normalization mean, 3 values (default: the "
+                                                     "model's)")]
+StdOpt = Annotated[list[float] | None, typer.Option("--std", help="normalization std, 3 values (default: the "
+                                                    "model's)")]
+EpochsOpt = Annotated[int, typer.Option("--epochs")]
+BatchOpt = Annotated[int, typer.Option("--batch-size", help="per process")]
+SeedOpt = Annotated[int, typer.Option("--seed")]
+ResumeOpt = Annotated[bool, typer.Option("--resume", help="continue from OUTPUT.state.pt (epoch boundary)")]
+BatchesOpt = Annotated[int | None, typer.Option("--batches-per-epoch", help="cap the batches of an epoch")]
+AccumOpt = Annotated[int, typer.Option("--accum", help="gradient accumulation steps")]
+AmpOpt = Annotated[str, typer.Option("--amp", help="auto (fp16/bf16 on CUDA, off on CPU) | on | off")]
+WarmupOpt = Annotated[float, typer.Option("--warmup-epochs", help="linear warmup, then cosine decay")]
+WorkersOpt = Annotated[int, typer.Option("--workers", help="DataLoader worker processes")]
+
+
+def _is_rank0(result) -> bool:
+    return getattr(result, "rank", 0) == 0
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2%}"
+
+
+def _render_history(history: list[dict], title: str) -> None:
+    table = Table(title=title, title_justify="left")
+    for col in ("epoch", "train loss", "train acc", "val acc", "lr", "img/s"):
+        table.add_column(col, justify="right")
+    for h in history:
+        table.add_row(str(h["epoch"]), f"{h['train_loss']:.4f}", _pct(h.get("train_acc")), _pct(h.get("val_acc")),
+                      f"{h['lr']:.2e}", f"{h['images_per_s']:.0f}")
+    out.print(table)
+
+
+def _mean_std(mean, std):
+    return (tuple(mean) if mean else None), (tuple(std) if std else None)
+
+
+@app.command()
+def calibrate(model: ModelArg, data: DataOpt, output: OutOpt, teacher: TeacherOpt = None,
+              val_data: ValDataOpt = None,
+              batches: Annotated[int, typer.Option("--batches", help="calibration batches")] = 4,
+              batch_size: BatchOpt = 32,
+              select: Annotated[str, typer.Option("--select", help="all: fit every replaced unit | measured: keep "
+                                                  "only the --budget least harmful ones (KL of logits)")] = "all",
+              budget: Annotated[int | None, typer.Option("--budget", help="units to keep with --select "
+                                                         "measured")] = None,
+              input_size: SizeOpt = None, mean: MeanOpt = None, std: StdOpt = None, seed: SeedOpt = 0,
+              trust_pickle: TrustOpt = False, as_json: JsonOpt = False) -> None:
+    """Fit each replaced unit's scalars (a, b) to the original unit's outputs on a few batches."""
+    from repconv import api
+
+    r = api.calibrate(model, teacher=teacher, data=data, output=output, val_data=val_data, batches=batches,
+                      batch_size=batch_size, select=select, budget=budget, input_size=input_size,
+                      **dict(zip(("mean", "std"), _mean_std(mean, std), strict=True)), seed=seed,
+                      trust_pickle=trust_pickle)
+    if as_json:
+        emit_json(r.to_dict())
+        return
+    if r.damage:
+        dt = Table(title="Measured damage (each unit replaced alone)", title_justify="left")
+        for col in ("unit", "KL to teacher", "kept"):
+            dt.add_column(col)
+        for d in sorted(r.damage, key=lambda d: d["kl"]):
+            dt.add_row(d["unit"], f"{d['kl']:.4g}", "yes" if d["unit"] in r.selected else "no")
+        out.print(dt)
+    table = Table(title=f"Calibrated on {r.batches} batches ({r.images} images) -> {r.output}", title_justify="left")
+    for col in ("unit", "a", "b"):
+        table.add_column(col, justify="left" if col == "unit" else "right")
+    for u in r.units:
+        table.add_row(u["unit"], f"{u['a_before']:.4f} -> {u['a']:.4f}", f"{u['b_before']:.4f} -> {u['b']:.4f}")
+    out.print(table)
+    out.print(f"KL(teacher || model) on the calibration batches: {r.kl_before:.4g} -> {r.kl_after:.4g}")
+    if r.val_acc is not None:
+        out.print(f"val accuracy: {_pct(r.val_acc_before)} before, {_pct(r.val_acc)} after "
+                  f"(teacher {_pct(r.teacher_val_acc)})")
+
+
+@app.command()
+def finetune(model: ModelArg, data: DataOpt, output: OutOpt, teacher: TeacherOpt = None,
+             objective: Annotated[str, typer.Option("--objective", help="ce (labels) | distill (KL to the "
+                                                    "teacher; unlabeled data works) | both")] = "ce",
+             train: Annotated[str, typer.Option("--train", help="scalars | norm (scalars + norm affine + "
+                                                "classifier) | all")] = "scalars",
+             val_data: ValDataOpt = None, epochs: EpochsOpt = 3, batch_size: BatchOpt = 64,
+             lr: Annotated[float, typer.Option("--lr")] = 1e-3,
+             optimizer: Annotated[str, typer.Option("--optimizer", help="adamw | sgd")] = "adamw",
+             weight_decay: Annotated[float, typer.Option("--weight-decay")] = 1e-4,
+             warmup_epochs: WarmupOpt = 0.0, accum: AccumOpt = 1,
+             temperature: Annotated[float, typer.Option("--temperature", help="distillation temperature")] = 2.0,
+             alpha: Annotated[float, typer.Option("--alpha", help="label-loss weight in 'both'")] = 0.5,
+             amp: AmpOpt = "auto", seed: SeedOpt = 0, workers: WorkersOpt = 0, batches_per_epoch: BatchesOpt = None,
+             input_size: SizeOpt = None, mean: MeanOpt = None, std: StdOpt = None, resume: ResumeOpt = False,
+             trust_pickle: TrustOpt = False, as_json: JsonOpt = False) -> None:
+    """Recover a converted model with labels, distillation from the original, or both (torchrun-ready)."""
+    from repconv import api
+
+    m, s = _mean_std(mean, std)
+    r = api.finetune(model, data=data, output=output, teacher=teacher, objective=objective, train=train,
+                     val_data=val_data, epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer,
+                     weight_decay=weight_decay, warmup_epochs=warmup_epochs, accum_steps=accum,
+                     temperature=temperature, alpha=alpha, amp=amp, seed=seed, workers=workers,
+                     batches_per_epoch=batches_per_epoch, input_size=input_size, mean=m, std=s, resume=resume,
+                     progress=not as_json, trust_pickle=trust_pickle)
+    if not _is_rank0(r):
+        return
+    if as_json:
+        emit_json(r.to_dict())
+        return
+    _render_history(r.history, f"finetune --objective {r.objective} --train {r.train}: "
+                    f"{human(r.trainable_params)} of {human(r.total_params)} parameters trained -> {r.output}")
+    if r.resumed_from_epoch is not None:
+        err.print(f"resumed after epoch {r.resumed_from_epoch}")
+
+
+@app.command("train")
+def train_(arch: Annotated[str, typer.Argument(help="architecture name (e.g. cifar_resnet56, resnet18)")],
+           data: DataOpt, output: OutOpt,
+           replace_every: Annotated[int, typer.Option("--replace-every", help="replace every K-th interior unit "
+                                                      "of each run (K >= 2)")] = 2,
+           no_replace: Annotated[bool, typer.Option("--no-replace", help="ordinary end-to-end training")] = False,
+           val_data: ValDataOpt = None, epochs: EpochsOpt = 30, batch_size: BatchOpt = 64,
+           lr: Annotated[float, typer.Option("--lr")] = 0.1,
+           optimizer: Annotated[str, typer.Option("--optimizer", help="sgd | adamw")] = "sgd",
+           weight_decay: Annotated[float, typer.Option("--weight-decay")] = 5e-4,
+           warmup_epochs: WarmupOpt = 1.0, accum: AccumOpt = 1,
+           label_smoothing: Annotated[float, typer.Option("--label-smoothing")] = 0.0,
+           amp: AmpOpt = "auto", seed: SeedOpt = 0, workers: WorkersOpt = 0, batches_per_epoch: BatchesOpt = None,
+           input_size: SizeOpt = None, mean: MeanOpt = None, std: StdOpt = None, resume: ResumeOpt = False,
+           as_json: JsonOpt = False) -> None:
+    """Train from scratch, with Replacement Learning (the papers' setting) or without."""
+    from repconv import api
+
+    m, s = _mean_std(mean, std)
+    r = api.train(arch, data=data, output=output, replace=not no_replace, replace_every=replace_every,
+                  val_data=val_data, epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer,
+                  weight_decay=weight_decay, warmup_epochs=warmup_epochs, accum_steps=accum,
+                  label_smoothing=label_smoothing, amp=amp, seed=seed, workers=workers,
+                  batches_per_epoch=batches_per_epoch, input_size=input_size, mean=m, std=s, resume=resume,
+                  progress=not as_json)
+    if not _is_rank0(r):
+        return
+    if as_json:
+        emit_json(r.to_dict())
+        return
+    units = f"{len(r.replaced_units)} replaced units" if r.replaced_units else "no replaced unit"
+    _render_history(r.history, f"train {r.arch} ({units}; {human(r.trainable_params)} trainable of "
+                    f"{human(r.params)}) -> {r.output}")
+
 
 # ---------------------------------------------------------------- deploy (issue 4: fold, export, predict)
 
