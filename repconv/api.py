@@ -14,10 +14,18 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from repconv.checkpoint import CheckpointMeta, Loaded
+from repconv.checkpoint import CheckpointMeta, Loaded, build_from_meta, fit_state_dict, save_state_dict
 from repconv.checkpoint import load as _load_checkpoint
 from repconv.checkpoint import save as _save
 from repconv.convert.apply import apply_plan
+from repconv.convert.fold import (
+    FusionReport,
+    Parity,
+    compare,
+    folded_state_dict,
+    fuse_conv_bn,
+    has_trivial_bn_statistics,
+)
 from repconv.convert.graph import (
     Run,
     count_flops,
@@ -30,17 +38,22 @@ from repconv.convert.graph import (
 )
 from repconv.convert.plan import Plan
 from repconv.convert.replacement import replaced_units, select_units
-from repconv.errors import NothingToReplace, PlanError
+from repconv.errors import ArchError, NothingToReplace, OutputError, PlanError, VerificationError
+from repconv.export.onnx import ExportResult, export_onnx
 
 __all__ = [
     "CalibrationResult",
     "Conversion",
     "ConversionSummary",
+    "ExportResult",
     "FinetuneResult",
+    "FoldResult",
     "TrainResult",
     "calibrate",
     "convert",
+    "export",
     "finetune",
+    "fold",
     "inspect",
     "load",
     "load_checkpoint",
@@ -52,6 +65,7 @@ __all__ = [
 ]
 
 METHODS = ("replacement", "parameter-free", "both")
+FOLD_TOLERANCE = 1e-5  # max |converted - folded| / max |converted|
 
 ModelLike = str | os.PathLike | nn.Module | Loaded
 
@@ -626,3 +640,105 @@ def train(arch: str, *, data: str | os.PathLike, output: str | os.PathLike, repl
     return TrainResult(arch_spec.name, "model", units, cfg.epochs, count_params(model),
                        res.trainable_params, res.val_acc, res.train_loss, res.history, res.resumed_from_epoch,
                        res.world_size, res.ranks_in_sync, dist_env()[0], out, state, metrics)
+# ---------------------------------------------------------------- deploy (issue 4): fold, export
+
+
+@dataclass
+class FoldResult:
+    model: nn.Module  # plain module: the original architecture for a replacement-only plan
+    meta: CheckpointMeta  # kind == "folded"
+    folded_units: list[str]
+    parity: Parity  # converted vs folded on the check batch
+    original_architecture: bool  # the state_dict loads strictly into the original model class
+    fusion: FusionReport | None = None
+    warnings: list[str] = field(default_factory=list)
+    output: Path | None = None
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """``.safetensors`` (state_dict + repconv header) or ``.pt`` (plain state_dict, original architecture only)."""
+        path = Path(path)
+        if path.suffix in (".pt", ".pth"):
+            if not self.original_architecture:
+                raise OutputError(f"'{path}': this folded model is not the plain original architecture (fused BN "
+                                  "or parameter-free steps), so it needs repconv's container",
+                                  "name the output *.safetensors")
+            self.output = save_state_dict(path, self.model.state_dict())
+        else:
+            self.output = _save(path, self.model, self.meta)
+        return self.output
+
+    def to_dict(self) -> dict:
+        return {"arch": self.meta.arch, "folded_units": self.folded_units, "parity": self.parity.to_dict(),
+                "original_architecture": self.original_architecture,
+                "fusion": self.fusion.to_dict() if self.fusion else None, "warnings": self.warnings,
+                "output": str(self.output) if self.output else None}
+
+
+def _as_loaded(model: ModelLike | Conversion, **load_options) -> Loaded:
+    if isinstance(model, Conversion):
+        return Loaded(model.model, model.meta)
+    return load_checkpoint(model, **load_options)
+
+
+def fold(model: ModelLike | Conversion, *, output: str | os.PathLike | None = None, fuse_bn: bool = False,
+         tolerance: float = FOLD_TOLERANCE, arch: str | None = None, num_classes: int | None = None,
+         trust_pickle: bool = False) -> FoldResult:
+    """Evaluate every replaced unit's ``a * P_prev + b * P_next`` once into ordinary weights.
+
+    The folded model is checked against the converted one on a check batch (eval mode); a relative
+    difference above ``tolerance`` raises VerificationError and nothing is written.
+    """
+    loaded = _as_loaded(model, arch=arch, num_classes=num_classes, trust_pickle=trust_pickle)
+    converted = loaded.model.eval()
+    meta = copy.deepcopy(loaded.meta)
+    units = list(replaced_units(converted))
+    plan = meta.plan
+    meta.kind = "folded"
+    if plan is not None and plan.steps:
+        meta.extra.setdefault("plan_digest", plan.digest())
+        meta.plan = plan.without_replacement()
+    meta.extra["folded_units"] = units
+    if units or (plan is not None and plan.steps):
+        if meta.arch is None:
+            raise ArchError("cannot fold a converted model whose architecture is unknown",
+                            "load it from its repconv file, or pass arch=")
+        folded = build_from_meta(CheckpointMeta(arch=meta.arch, arch_kwargs=meta.arch_kwargs, plan=meta.plan))
+        fit_state_dict(folded, folded_state_dict(converted), meta.arch, loaded.path)
+    else:
+        folded = copy.deepcopy(converted)
+    folded.eval()
+    fusion = None
+    if fuse_bn:
+        folded, fusion = fuse_conv_bn(folded, plan.leaves if plan else ())
+        meta.extra["fused_bn"] = True
+    notes = []
+    if has_trivial_bn_statistics(converted):
+        notes.append("every BatchNorm still has its initial statistics (mean 0, var 1): the parity check "
+                     "cannot see BN-folding mistakes on this model")
+    parity = compare(converted, folded, [example_input(meta.input_size, batch=2, seed=1)])
+    if parity.max_rel > tolerance:
+        raise VerificationError(f"the folded model differs from the converted one by {parity.max_abs:.3g} "
+                                f"(relative {parity.max_rel:.3g} > {tolerance:g}); nothing was written",
+                                "report this with the model and plan (repconv --debug fold ...)")
+    original = not meta.plan.steps if meta.plan else True
+    result = FoldResult(folded, meta, units, parity, original and not fuse_bn, fusion, notes)
+    if output is not None:
+        result.save(output)
+    return result
+
+
+def export(model: ModelLike | Conversion, output: str | os.PathLike, *, format: str = "onnx",
+           arch: str | None = None, num_classes: int | None = None, trust_pickle: bool = False,
+           **options) -> ExportResult:
+    """Export a checkpoint (path, module, Loaded or Conversion) as a verified ONNX file.
+
+    A converted model is folded first (its fold parity is checked as in :func:`fold`). ``options`` are
+    those of :func:`repconv.export.onnx.export_onnx` (dtype, opset, dynamic_batch, exporter, calib, ...).
+    """
+    if format != "onnx":
+        raise PlanError(f"unknown export format '{format}'", "use --format onnx")
+    loaded = _as_loaded(model, arch=arch, num_classes=num_classes, trust_pickle=trust_pickle)
+    if replaced_units(loaded.model) or loaded.meta.kind == "converted":
+        folded = fold(loaded)
+        loaded = Loaded(folded.model, folded.meta, loaded.path)
+    return export_onnx(loaded.model, output, meta=loaded.meta, **options)

@@ -104,6 +104,7 @@ class CheckpointMeta:
         names = list(spec.class_names) if spec.class_names else None
         if names and arch_kwargs and arch_kwargs.get("num_classes", len(names)) != len(names):
             names = None
+        names = kw.pop("class_names", names)
         return cls(arch=spec.name, arch_kwargs=dict(arch_kwargs or {}), input_size=spec.input_size,
                    mean=spec.mean, std=spec.std, class_names=names, **kw)
 
@@ -254,10 +255,13 @@ def build_from_meta(meta: CheckpointMeta) -> nn.Module:
     from repconv.convert.apply import apply_plan  # the one place plans are applied
 
     model = build_empty(resolve_arch(meta.arch), **meta.arch_kwargs)
-    if meta.plan is None or not meta.plan.steps:
-        return model
-    gm = trace(model, meta.plan.leaves)
-    return apply_plan(gm, meta.plan, model_for_init=None)
+    if meta.plan is not None and meta.plan.steps:
+        model = apply_plan(trace(model, meta.plan.leaves), meta.plan, model_for_init=None)
+    if meta.extra.get("fused_bn"):  # a folded file saved with conv + BN fused: same fusion, same structure
+        from repconv.convert.fold import fuse_conv_bn
+
+        model, _ = fuse_conv_bn(model.eval(), meta.plan.leaves if meta.plan else ())
+    return model
 
 
 def load(path: str | os.PathLike, *, arch: str | None = None, num_classes: int | None = None,

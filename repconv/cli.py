@@ -389,6 +389,117 @@ def train_(arch: Annotated[str, typer.Argument(help="architecture name (e.g. cif
 
 # ---------------------------------------------------------------- deploy (issue 4: fold, export, predict)
 
+
+def _render_fusion(fusion) -> None:
+    if fusion is None:
+        return
+    err.print(f"conv+BN fusion: {len(fusion.fused)} of {fusion.total} BatchNorms folded into a conv")
+    reasons: dict[str, list[str]] = {}
+    for item in fusion.unfused:
+        reasons.setdefault(item["reason"], []).append(item["bn"])
+    for reason, bns in reasons.items():
+        shown = ", ".join(bns[:3]) + (f", ... ({len(bns)} in all)" if len(bns) > 3 else "")
+        err.print(f"  left unfused ({len(bns)}): {reason}: {shown}", soft_wrap=True)
+
+
+@app.command()
+def fold(model: ModelArg,
+         output: Annotated[Path, typer.Option("-o", "--output", help="output file: .safetensors (default) or .pt")],
+         fuse_bn: Annotated[bool, typer.Option("--fuse-bn/--no-fuse-bn", help="also fuse conv + BatchNorm "
+                                               "pairs (the file then needs repconv to load)")] = False,
+         tolerance: Annotated[float, typer.Option("--tolerance", help="max relative difference converted vs "
+                                                  "folded")] = 1e-5,
+         arch: ArchOpt = None, num_classes: NumClassesOpt = None, trust_pickle: TrustOpt = False,
+         as_json: JsonOpt = False) -> None:
+    """Evaluate the replaced units' a*P_prev + b*P_next once into ordinary weights."""
+    from repconv import api
+
+    with err.status("folding"):
+        result = api.fold(model, output=output, fuse_bn=fuse_bn, tolerance=tolerance, arch=arch,
+                          num_classes=num_classes, trust_pickle=trust_pickle)
+    if as_json:
+        emit_json(result.to_dict())
+        return
+    table = Table(title=f"{result.meta.arch}: folded -> {output}", title_justify="left")
+    table.add_column("")
+    table.add_column("value", justify="right")
+    table.add_row("folded units", str(len(result.folded_units)))
+    table.add_row("max abs difference (converted vs folded)", f"{result.parity.max_abs:.3g}")
+    table.add_row("max relative difference", f"{result.parity.max_rel:.3g}")
+    table.add_row("loads into the original model class", "yes" if result.original_architecture else "no")
+    out.print(table)
+    _render_fusion(result.fusion)
+    for note in result.warnings:
+        err.print(f"[yellow]warning:[/] {note}", soft_wrap=True)
+
+
+def _render_export(r) -> None:
+    checks = Table(title="Verification (onnxruntime, optimization level " + r.ort_level + ")", title_justify="left")
+    for col in ("stage", "against", "inputs", "batches", "max abs", "max rel", "top-1 agree", "required", "ok"):
+        checks.add_column(col, justify="right" if col.startswith(("max", "top")) else "left")
+    for c in r.checks:
+        agree = "-" if c.top1_agreement is None else f"{c.top1_agreement:.1%}"
+        checks.add_row(c.stage, c.reference, c.inputs, ",".join(map(str, c.batch_sizes)), f"{c.max_abs:.3g}",
+                       f"{c.max_rel:.3g}", agree, c.tolerance, "yes" if c.passed else "NO")
+    if r.checks:
+        out.print(checks)
+    ops = Table(title="ONNX ops (export -> written file)", title_justify="left")
+    for col in ("op", "export", "written"):
+        ops.add_column(col, justify="left" if col == "op" else "right")
+    for op in sorted(set(r.ops_before) | set(r.ops_after)):
+        ops.add_row(op, str(r.ops_before.get(op, 0)), str(r.ops_after.get(op, 0)))
+    ops.add_row("total", str(sum(r.ops_before.values())), str(sum(r.ops_after.values())))
+    out.print(ops)
+    batch = "dynamic" if r.dynamic_batch else r.metadata.get("repconv.batch_size", "?")
+    out.print(f"{r.path}: {human(r.file_size, 'B')}, {r.dtype}, opset {r.opset}, {r.exporter} exporter, batch {batch}")
+    _render_fusion(r.fusion)
+    for note in r.warnings:
+        err.print(f"[yellow]warning:[/] {note}", soft_wrap=True)
+
+
+@app.command()
+def export(model: ModelArg,
+           output: Annotated[Path, typer.Option("-o", "--output", help="output file (.onnx)")],
+           format: Annotated[str, typer.Option("--format", help="onnx")] = "onnx",
+           dtype: Annotated[str, typer.Option("--dtype", help="fp32 | fp16 | int8")] = "fp32",
+           opset: Annotated[int | None, typer.Option("--opset", help="default: the newest both onnxruntime and "
+                                                     "the exporter support")] = None,
+           static: Annotated[bool, typer.Option("--static", help="fixed batch (--batch-size) instead of a "
+                                                "dynamic one")] = False,
+           batch_size: Annotated[int, typer.Option("--batch-size", help="the batch of a --static export")] = 1,
+           exporter: Annotated[str, typer.Option("--exporter", help="dynamo (torch.export) | legacy "
+                                                 "(TorchScript)")] = "dynamo",
+           simplify: Annotated[bool, typer.Option("--simplify/--no-simplify", help="onnxslim graph "
+                                                  "simplification")] = True,
+           verify: Annotated[bool, typer.Option("--verify/--no-verify", help="compare onnxruntime with PyTorch "
+                                                "(and fp16/int8 with fp32); fail above tolerance")] = True,
+           fuse_bn: Annotated[bool, typer.Option("--fuse-bn/--no-fuse-bn", help="fuse conv + BN before "
+                                                 "export")] = True,
+           calib: Annotated[str | None, typer.Option("--calib", help="int8 calibration images: digits or an "
+                                                     "image folder")] = None,
+           calib_size: Annotated[int, typer.Option("--calib-size", help="calibration images to use")] = 256,
+           check_images: Annotated[str | None, typer.Option("--check-images", help="real images the fp16/int8 "
+                                                            "graph is checked on (default: --calib)")] = None,
+           min_agreement: Annotated[float | None, typer.Option("--min-agreement", help="required top-1 "
+                                                               "agreement with fp32 (fp16 0.99, int8 0.98)")] = None,
+           ort_level: Annotated[str, typer.Option("--ort-level", help="onnxruntime optimization level used "
+                                                  "for checks: disable | basic | extended | all")] = "all",
+           arch: ArchOpt = None, num_classes: NumClassesOpt = None, trust_pickle: TrustOpt = False,
+           as_json: JsonOpt = False) -> None:
+    """Export a folded (or converted: folded first) model as a verified ONNX file."""
+    from repconv import api
+
+    with err.status("exporting") as status:
+        result = api.export(model, output, format=format, arch=arch, num_classes=num_classes,
+                            trust_pickle=trust_pickle, dtype=dtype, opset=opset, dynamic_batch=not static,
+                            batch_size=batch_size, exporter=exporter, simplify=simplify, verify=verify,
+                            calib=calib, calib_size=calib_size, check_images=check_images, fuse_bn=fuse_bn,
+                            ort_level=ort_level, min_agreement=min_agreement, progress=status.update)
+    if as_json:
+        emit_json(result.to_dict())
+    else:
+        _render_export(result)
+
 # ---------------------------------------------------------------- see it (issue 5: bench, demo, report)
 
 
