@@ -587,16 +587,8 @@ class TrainResult:
 
 
 def folded_replacement(model: nn.Module, meta: CheckpointMeta) -> nn.Module:
-    """A replacement-only converted model as its original architecture: a*P_prev + b*P_next become weights."""
-    from repconv.checkpoint import fit_state_dict
-    from repconv.convert.replacement import scalar_names, synthesized_state
-    from repconv.models import resolve_arch
-
-    scalars = set(scalar_names(model))
-    state = {k: v for k, v in model.state_dict().items() if k not in scalars} | synthesized_state(model)
-    plain = resolve_arch(meta.arch).build(**meta.arch_kwargs)
-    fit_state_dict(plain, state, meta.arch, None)
-    return plain.eval()
+    """A replacement-only converted model as its original architecture (see :func:`fold`)."""
+    return fold(Loaded(model, meta)).model
 
 
 def train(arch: str, *, data: str | os.PathLike, output: str | os.PathLike, replace: bool = True,
