@@ -94,3 +94,30 @@ def digits_checkpoint(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def digits_model(digits_checkpoint) -> nn.Module:
     return repconv.load(digits_checkpoint)
+
+
+def export_onnx_for_tests(checkpoint: str, path) -> str:
+    """ONNX of a checkpoint with export's names and metadata keys (input/logits, dynamic batch).
+
+    Plain torch.onnx.export (legacy exporter) until repconv.export.onnx lands in main.
+    """
+    import onnx
+
+    from repconv.checkpoint import load
+    from repconv.runtime.metadata import onnx_props
+
+    loaded = load(checkpoint)
+    x = torch.randn(2, *loaded.meta.input_size)
+    torch.onnx.export(loaded.model.eval(), (x,), str(path), input_names=["input"], output_names=["logits"],
+                      dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17, dynamo=False)
+    proto = onnx.load(str(path))
+    for key, value in onnx_props(loaded.meta, "fp32").items():
+        proto.metadata_props.add(key=key, value=value)
+    onnx.save(proto, str(path))
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def digits_onnx(digits_checkpoint, tmp_path_factory) -> str:
+    """Path of the digits checkpoint exported to ONNX (fp32, dynamic batch, repconv metadata)."""
+    return export_onnx_for_tests(digits_checkpoint, tmp_path_factory.mktemp("onnx") / "digits_resnet20.onnx")
