@@ -24,7 +24,6 @@ from repconv.convert.graph import (
     count_params,
     example_input,
     find_runs,
-    propagate_shapes,
     trace,
 )
 from repconv.convert.plan import Plan
@@ -174,18 +173,18 @@ def convert(model: ModelLike, *, arch: str | None = None, num_classes: int | Non
         raise PlanError("the model is already converted", "convert the original checkpoint instead")
     original = loaded.model.eval()
     meta = copy.deepcopy(loaded.meta)
+    leaves = list(Plan.load(plan).leaves if isinstance(plan, (str, os.PathLike)) else
+                  plan.leaves if isinstance(plan, Plan) else ()) or list(leaves)
+    gm = trace(copy.deepcopy(original), leaves)  # first, so an untraceable model is reported as such
     if plan is not None:
         plan = plan if isinstance(plan, Plan) else Plan.load(plan)
-        leaves = list(plan.leaves) or list(leaves)
-        plan.leaves = list(leaves)
+        plan.leaves = leaves
         runs = find_runs(original, opaque=leaves)
     else:
         plan, runs = plan_conversion(original, arch=meta.arch, method=method, every=every, units=units,
                                      max_fraction=max_fraction, init=init, neighbor_grad=neighbor_grad,
                                      leaves=leaves, pf_policy=pf_policy, pf_op=pf_op, pf_units=pf_units)
     plan.arch = meta.arch
-    gm = trace(copy.deepcopy(original), leaves)
-    propagate_shapes(gm, example_input(meta.input_size))
     apply_plan(gm, plan, model_for_init=original)
     gm.eval()
     meta.kind, meta.plan = "converted", plan

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import pickle
 import tempfile
 import zipfile
 from collections.abc import Iterator
@@ -27,7 +26,7 @@ from repconv import __version__
 from repconv.convert.graph import trace
 from repconv.convert.plan import Plan
 from repconv.errors import ArchError, InputFileError, OutputError, RepconvError
-from repconv.models import ArchSpec, infer_num_classes, resolve_arch
+from repconv.models import ArchSpec, build_on_meta, infer_num_classes, resolve_arch
 
 FORMAT_VERSION = 1
 META_KEY = "repconv"
@@ -166,8 +165,9 @@ def _describe_pickle_error(path: Path, exc: Exception) -> RepconvError:
 
 
 def read_torch_file(path: Path, trust_pickle: bool = False) -> Any:
-    head = path.read_bytes()[:4]
-    if head[:2] == b"PK":
+    with path.open("rb") as f:
+        head = f.read(2)
+    if head == b"PK":
         try:
             with zipfile.ZipFile(path) as zf:
                 names = zf.namelist()
@@ -177,14 +177,15 @@ def read_torch_file(path: Path, trust_pickle: bool = False) -> Any:
         if any(n.endswith("constants.pkl") or "/code/" in n for n in names):
             raise InputFileError(f"'{path}' is a TorchScript archive, not a state_dict",
                                  "save the eager model's weights with torch.save(model.state_dict(), path)")
+    elif head[:1] != b"\x80":  # neither torch.save's zip format nor a (legacy) pickle stream
+        raise InputFileError(f"'{path}' is not a PyTorch checkpoint (it starts with {head!r})",
+                             "give a state_dict saved with torch.save, a .safetensors file or a repconv file")
     try:
         return torch.load(path, map_location="cpu", weights_only=not trust_pickle)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError,
-            ModuleNotFoundError, zipfile.BadZipFile, UnicodeDecodeError) as exc:
+    except Exception as exc:  # torch.load raises many kinds on bad input; all are the file's fault
         if isinstance(exc, (EOFError, zipfile.BadZipFile)) or "PytorchStreamReader" in str(exc):
-            return_exc = InputFileError(f"'{path}' is truncated or corrupt ({type(exc).__name__})",
-                                        "re-save or re-download the checkpoint")
-            raise return_exc from exc
+            raise InputFileError(f"'{path}' is truncated or corrupt ({type(exc).__name__})",
+                                 "re-save or re-download the checkpoint") from exc
         raise _describe_pickle_error(path, exc) from exc
 
 
@@ -228,14 +229,34 @@ def fit_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], arch: 
         src = f"'{path}'" if path else "the weights"
         raise ArchError(f"{src} do not fit {arch}: " + "; ".join(parts),
                         "check --arch (and --num-classes), or that the file belongs to this architecture")
-    model.load_state_dict(state_dict, strict=True)
+    model.load_state_dict(state_dict, strict=True, assign=_on_meta(model))
+    if _on_meta(model):
+        left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+        raise ArchError(f"{arch} has state the checkpoint does not hold: {', '.join(left[:4])}",
+                        "this architecture cannot be rebuilt from weights alone")
+
+
+def _on_meta(model: nn.Module) -> bool:
+    return any(t.is_meta for t in [*model.parameters(), *model.buffers()])
+
+
+def build_empty(spec: ArchSpec, **kwargs) -> nn.Module:
+    """Build on the meta device (no random init, which costs ~0.5 s for a ResNet-50) when every tensor
+    of the module is persistent state that a strict load will fill; otherwise build normally."""
+    model = build_on_meta(spec, **kwargs)
+    if model is None:
+        return spec.build(**kwargs)
+    persistent = set(model.state_dict())
+    if all(n in persistent for n, _ in [*model.named_parameters(), *model.named_buffers()]):
+        return model
+    return spec.build(**kwargs)
 
 
 def build_from_meta(meta: CheckpointMeta) -> nn.Module:
     """A fresh module with the structure the metadata describes (weights still random)."""
     from repconv.convert.apply import apply_plan  # the one place plans are applied
 
-    model = resolve_arch(meta.arch).build(**meta.arch_kwargs)
+    model = build_empty(resolve_arch(meta.arch), **meta.arch_kwargs)
     if meta.plan is None or not meta.plan.steps:
         return model
     gm = trace(model, meta.plan.leaves)
@@ -279,7 +300,7 @@ def _from_state_dict(sd: dict[str, torch.Tensor], path: Path, arch: str | None, 
     kwargs = {"num_classes": nc} if nc is not None and nc != spec.num_classes else {}
     if nc is not None and spec.source == "repconv":
         kwargs = {"num_classes": nc}
-    model = spec.build(**kwargs)
+    model = build_empty(spec, **kwargs)
     fit_state_dict(model, sd, spec.name, path)
     model.eval()
     return Loaded(model, CheckpointMeta.for_arch(spec, kwargs), path)

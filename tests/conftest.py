@@ -121,3 +121,21 @@ def export_onnx_for_tests(checkpoint: str, path) -> str:
 def digits_onnx(digits_checkpoint, tmp_path_factory) -> str:
     """Path of the digits checkpoint exported to ONNX (fp32, dynamic batch, repconv metadata)."""
     return export_onnx_for_tests(digits_checkpoint, tmp_path_factory.mktemp("onnx") / "digits_resnet20.onnx")
+
+
+@pytest.fixture
+def run_cli(capsys):
+    """Run the `repconv` CLI in-process: returns (exit code, stdout, stderr)."""
+    from repconv.cli import main
+
+    def run(*args: str) -> tuple[int, str, str]:
+        capsys.readouterr()
+        try:
+            main([str(a) for a in args])
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
+    return run
