@@ -104,6 +104,7 @@ class CheckpointMeta:
         names = list(spec.class_names) if spec.class_names else None
         if names and arch_kwargs and arch_kwargs.get("num_classes", len(names)) != len(names):
             names = None
+        names = kw.pop("class_names", names)
         return cls(arch=spec.name, arch_kwargs=dict(arch_kwargs or {}), input_size=spec.input_size,
                    mean=spec.mean, std=spec.std, class_names=names, **kw)
 

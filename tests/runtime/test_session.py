@@ -8,12 +8,12 @@ from repconv.runtime import open_session
 from repconv.runtime.session import onnx_macs
 
 
-def test_torch_and_ort_sessions_agree(digits_checkpoint, digits_onnx):
+def test_torch_and_ort_sessions_agree(small_checkpoint, small_onnx):
     x = example_input((3, 32, 32), batch=5, seed=3).numpy()
-    with open_session(digits_checkpoint) as ts, open_session(digits_onnx) as os_:
+    with open_session(small_checkpoint) as ts, open_session(small_onnx) as os_:
         assert (ts.backend, os_.backend) == ("torch", "ort")
         assert ts.input_size == os_.input_size == (3, 32, 32)
-        assert os_.class_names == ts.class_names == [str(i) for i in range(10)]
+        assert os_.class_names == ts.class_names == [f"class_{i}" for i in range(10)]
         np.testing.assert_allclose(os_.mean, ts.mean)
         a, b = ts.run(x), os_.run(torch.from_numpy(x))
         assert a.shape == b.shape == (5, 10) and a.dtype == b.dtype == np.float32
@@ -21,10 +21,10 @@ def test_torch_and_ort_sessions_agree(digits_checkpoint, digits_onnx):
         assert os_.run(x[:1]).shape == (1, 10)  # dynamic batch
 
 
-def test_param_and_mac_counts_match_between_backends(digits_checkpoint, digits_onnx, digits_model):
-    ts, os_ = open_session(digits_checkpoint), open_session(digits_onnx)
-    assert ts.count_params() == count_params(digits_model)
-    flops = count_flops(digits_model, example_input((3, 32, 32), batch=1))
+def test_param_and_mac_counts_match_between_backends(small_checkpoint, small_onnx):
+    ts, os_ = open_session(small_checkpoint), open_session(small_onnx)
+    assert ts.count_params() == count_params(ts.model)
+    flops = count_flops(ts.model, example_input((3, 32, 32), batch=1))
     assert ts.count_macs() == flops // 2
     # the ONNX is unfolded here (BN kept as its own op), so its weights are the conv/linear ones plus BN's
     assert 0.95 * ts.count_params() <= os_.count_params() <= ts.count_params()
@@ -43,7 +43,7 @@ def test_onnx_macs_of_a_plain_conv(tmp_path):
     assert onnx_macs(onnx.load(str(path))) == expected
 
 
-def test_artifact_errors(tmp_path, digits_checkpoint, digits_onnx):
+def test_artifact_errors(tmp_path, small_checkpoint, small_onnx):
     with pytest.raises(InputFileError, match="does not exist"):
         open_session(tmp_path / "missing.onnx")
     bad = tmp_path / "bad.onnx"
@@ -51,17 +51,17 @@ def test_artifact_errors(tmp_path, digits_checkpoint, digits_onnx):
     with pytest.raises(InputFileError, match="not a readable ONNX"):
         open_session(bad)
     with pytest.raises(InputFileError, match="ONNX file, which the torch backend cannot run"):
-        open_session(digits_onnx, backend="torch")
+        open_session(small_onnx, backend="torch")
     with pytest.raises(InputFileError, match="PyTorch checkpoint, which the ort backend"):
-        open_session(digits_checkpoint, backend="ort")
+        open_session(small_checkpoint, backend="ort")
     if "CUDAExecutionProvider" not in __import__("onnxruntime").get_available_providers():
         with pytest.raises(DependencyError, match="onnxruntime-gpu"):
-            open_session(digits_onnx, device="cuda")
+            open_session(small_onnx, device="cuda")
 
 
-def test_fixed_batch_onnx_refuses_other_batches(tmp_path, digits_model):
+def test_fixed_batch_onnx_refuses_other_batches(tmp_path, small_checkpoint):
     path = tmp_path / "static.onnx"
-    torch.onnx.export(digits_model, (torch.randn(2, 3, 32, 32),), str(path), input_names=["input"],
+    torch.onnx.export(open_session(small_checkpoint).model, (torch.randn(2, 3, 32, 32),), str(path), input_names=["input"],
                       output_names=["logits"], dynamo=False)
     s = open_session(path)
     assert s.accepts_batch(2) and not s.accepts_batch(3)
