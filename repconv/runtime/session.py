@@ -66,7 +66,7 @@ class Session(abc.ABC):
     def count_macs(self) -> int | None:
         """Multiply-accumulates of one image at the artifact's input size."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 (optional hook: most backends hold nothing to release)
         pass
 
     def __enter__(self) -> Session:

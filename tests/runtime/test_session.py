@@ -61,7 +61,8 @@ def test_artifact_errors(tmp_path, small_checkpoint, small_onnx):
 
 def test_fixed_batch_onnx_refuses_other_batches(tmp_path, small_checkpoint):
     path = tmp_path / "static.onnx"
-    torch.onnx.export(open_session(small_checkpoint).model, (torch.randn(2, 3, 32, 32),), str(path), input_names=["input"],
+    model = open_session(small_checkpoint).model
+    torch.onnx.export(model, (torch.randn(2, 3, 32, 32),), str(path), input_names=["input"],
                       output_names=["logits"], dynamo=False)
     s = open_session(path)
     assert s.accepts_batch(2) and not s.accepts_batch(3)
