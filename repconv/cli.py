@@ -292,7 +292,7 @@ def predict(artifact: Annotated[Path, typer.Argument(help="checkpoint, .onnx or 
         return
     k = max((len(p.top) for p in result.predictions), default=0)
     table = Table(title=f"{artifact.name} [{result.backend}, {result.device}]", title_justify="left")
-    table.add_column("image")
+    table.add_column("image", overflow="fold")
     for rank in range(1, k + 1):
         table.add_column(f"#{rank}")
     for p in result.predictions:

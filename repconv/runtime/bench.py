@@ -343,8 +343,11 @@ def plot_report(report: BenchReport, path: Path) -> None:
         ax_lat.errorbar(b, [t.median_ms for t in r.timings], yerr=[[0] * len(b),
                         [t.p90_ms - t.median_ms for t in r.timings]], marker="o", capsize=3, label=label)
         ax_tp.plot(b, [t.throughput for t in r.timings], marker="o", label=label)
+    batches = sorted({t.batch for r in report.targets for t in r.timings})
+    ax_lat.set_yscale("log")
     for ax, title, unit in ((ax_lat, "latency (median, bar to p90)", "ms"), (ax_tp, "throughput", "images / s")):
         ax.set_xscale("log", base=2)
+        ax.set_xticks(batches, [str(b) for b in batches])
         ax.set_xlabel("batch size")
         ax.set_ylabel(unit)
         ax.set_title(title)
