@@ -281,17 +281,19 @@ def predict(artifact: Annotated[Path, typer.Argument(help="checkpoint, .onnx or 
             backend: BackendOpt = None, device: DeviceOpt = None, arch: ArchOpt = None,
             num_classes: NumClassesOpt = None, trust_pickle: TrustOpt = False, as_json: JsonOpt = False) -> None:
     """Top-k classes per image with any checkpoint, ONNX file or TensorRT engine."""
+    from rich.markup import escape
+
     from repconv import api
 
     result = api.predict(artifact, images, top_k=top_k, backend=backend, device=device, arch=arch,
                          num_classes=num_classes, trust_pickle=trust_pickle)
     for warning in result.warnings:
-        err.print(f"[yellow]warning:[/] {warning}", soft_wrap=True)
+        err.print(f"[yellow]warning:[/] {escape(warning)}", soft_wrap=True)
     if as_json:
         emit_json(result.to_dict())
         return
     k = max((len(p.top) for p in result.predictions), default=0)
-    table = Table(title=f"{artifact.name} [{result.backend}, {result.device}]", title_justify="left")
+    table = Table(title=escape(f"{artifact.name} [{result.backend}, {result.device}]"), title_justify="left")
     table.add_column("image", overflow="fold")
     for rank in range(1, k + 1):
         table.add_column(f"#{rank}")

@@ -66,6 +66,8 @@ def load_images(items: Sequence[str | os.PathLike], info: ArtifactInfo) -> Image
             warnings.append(f"'{path}' is {reason}; skipped")
     if not tensors:
         given = ", ".join(str(i) for i in items)
-        raise DataError(f"no usable image in {given}" + (f" ({len(warnings)} skipped)" if warnings else ""),
+        why = f": {warnings[0]}" + (f" (and {len(warnings) - 1} more)" if len(warnings) > 1 else "") if warnings \
+            else ": no image files found"
+        raise DataError(f"no usable image in {given}{why}",
                         f"give image files ({', '.join(IMAGE_SUFFIXES[:3])}, ...) or folders holding them")
     return ImageBatch(torch.stack(tensors), used, warnings)

@@ -80,7 +80,8 @@ def test_predict_cli(run_cli, tmp_path, small_onnx):
     code, out, err = run_cli("predict", small_onnx, *paths)
     assert code == 0 and "small.onnx [ort, cpu]" in out and out.count("class_") >= 2
     code, out, err = run_cli("predict", small_onnx, tmp_path / "imgs" / "junk.jpg")
-    assert code == 2 and "no usable image" in err and len(err.strip().splitlines()) == 2  # warning + error
+    assert code == 2 and "no usable image" in err and "junk.jpg' is not an image file" in err
+    assert len(err.strip().splitlines()) == 1
 
 
 def test_predict_digits_accuracy_torch_and_onnx(tmp_path, digits_checkpoint):
