@@ -16,6 +16,7 @@ from typing import Annotated, Any
 import click
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from repconv.errors import RepconvError
@@ -281,8 +282,6 @@ def predict(artifact: Annotated[Path, typer.Argument(help="checkpoint, .onnx or 
             backend: BackendOpt = None, device: DeviceOpt = None, arch: ArchOpt = None,
             num_classes: NumClassesOpt = None, trust_pickle: TrustOpt = False, as_json: JsonOpt = False) -> None:
     """Top-k classes per image with any checkpoint, ONNX file or TensorRT engine."""
-    from rich.markup import escape
-
     from repconv import api
 
     result = api.predict(artifact, images, top_k=top_k, backend=backend, device=device, arch=arch,
@@ -400,7 +399,7 @@ def main(argv: list[str] | None = None) -> None:
     except RepconvError as exc:
         if debug:
             traceback.print_exc()
-        err.print(f"[red]error:[/] {exc}", soft_wrap=True)
+        err.print(f"[red]error:[/] {escape(str(exc))}", soft_wrap=True)
         sys.exit(2)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)

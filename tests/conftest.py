@@ -139,3 +139,24 @@ def run_cli(capsys):
         return code, captured.out, captured.err
 
     return run
+
+
+SMALL_CLASSES = [f"class_{i}" for i in range(10)]
+
+
+@pytest.fixture(scope="session")
+def small_checkpoint(tmp_path_factory) -> str:
+    """A random cifar_resnet20 (10 classes named class_0.., non-trivial BN) as a repconv file: fast to make."""
+    spec = resolve_arch(DIGITS_ARCH)
+    torch.manual_seed(0)
+    model = randomize_bn(spec.build(num_classes=10)).eval()
+    meta = CheckpointMeta.for_arch(spec, {"num_classes": 10}, class_names=SMALL_CLASSES)
+    path = tmp_path_factory.mktemp("small") / "small.repconv.safetensors"
+    save(path, model, meta)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def small_onnx(small_checkpoint, tmp_path_factory) -> str:
+    """``small_checkpoint`` as ONNX (dynamic batch, repconv metadata)."""
+    return export_onnx_for_tests(small_checkpoint, tmp_path_factory.mktemp("small_onnx") / "small.onnx")

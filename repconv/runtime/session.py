@@ -240,6 +240,8 @@ def default_device(backend: str) -> str:
         import onnxruntime as ort
 
         return "cuda" if "CUDAExecutionProvider" in ort.get_available_providers() else "cpu"
+    if backend == "trt":
+        return "cuda"  # engines run nowhere else; TensorRTSession says so when there is no GPU
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 

@@ -88,7 +88,7 @@ def test_predict_digits_accuracy_torch_and_onnx(tmp_path, digits_checkpoint):
     """Real images through the whole preprocessing: a digits-trained ResNet reads them correctly."""
     from tests.conftest import export_onnx_for_tests
 
-    paths, labels = _save_digits(tmp_path / "digits", n=40)
+    _paths, labels = _save_digits(tmp_path / "digits", n=40)
     onnx_path = export_onnx_for_tests(digits_checkpoint, tmp_path / "digits.onnx")
     for artifact in (digits_checkpoint, onnx_path):
         result = api.predict(artifact, [tmp_path / "digits"], top_k=1)
