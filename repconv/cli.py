@@ -239,12 +239,21 @@ def export(model: ModelArg,
 
     if fmt not in ("onnx", "engine"):
         raise click.BadParameter(f"--format must be onnx or engine, not {fmt!r}")
-    if fmt == "onnx":
-        result = api.export(model, output, dtype=dtype, arch=arch, num_classes=num_classes,
-                            trust_pickle=trust_pickle, verify=not no_verify)
-        emit_json(result.to_dict()) if as_json else out.print(result)
+    if fmt == "engine":
+        options = _engine_options(min_batch, opt_batch, max_batch, workspace, timing_cache, opt_level, not no_verify)
+        _export_engine(model, output, options, print_trtexec, dtype=dtype, arch=arch, num_classes=num_classes,
+                       trust_pickle=trust_pickle, as_json=as_json)
         return
-    options = _engine_options(min_batch, opt_batch, max_batch, workspace, timing_cache, opt_level, not no_verify)
+    result = api.export(model, output, dtype=dtype, arch=arch, num_classes=num_classes,
+                        trust_pickle=trust_pickle, verify=not no_verify)
+    emit_json(result.to_dict()) if as_json else out.print(result)
+
+
+def _export_engine(model: Path, output: Path, options, print_trtexec: bool, *, dtype: str, arch: str | None,
+                   num_classes: int | None, trust_pickle: bool, as_json: bool) -> None:
+    """`repconv export --format engine`: build (or, with --print-trtexec, describe) a TensorRT engine."""
+    from repconv import api
+
     if print_trtexec:
         plan = api.engine_plan(model, output, options, dtype=dtype, arch=arch, num_classes=num_classes,
                                trust_pickle=trust_pickle)

@@ -25,7 +25,7 @@ import numpy as np
 from repconv.checkpoint import atomic_path
 from repconv.convert.graph import example_input
 from repconv.errors import InputFileError, OptionError, VerificationError
-from repconv.runtime.metadata import ArtifactInfo
+from repconv.runtime.metadata import ONNX_PREFIX, ArtifactInfo
 from repconv.runtime.tensorrt import (
     EngineSidecar,
     TensorRTSession,
@@ -118,9 +118,8 @@ def read_onnx(path: str | os.PathLike) -> OnnxGraphInfo:
 
 
 def _graph_dtype(proto, metadata: dict[str, str]) -> str:
-    declared = ArtifactInfo.from_onnx_props(metadata).dtype if "dtype" in metadata else None
-    if declared:
-        return declared
+    if any(k.removeprefix(ONNX_PREFIX) == "dtype" and v for k, v in metadata.items()):
+        return ArtifactInfo.from_onnx_props(metadata).dtype  # what export says it wrote
     ops = {n.op_type for n in proto.graph.node}
     if ops & {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul"}:
         return "int8"

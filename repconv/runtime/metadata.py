@@ -15,7 +15,8 @@ from typing import Any
 from repconv.checkpoint import CheckpointMeta
 from repconv.models import IMAGENET_MEAN, IMAGENET_STD
 
-# ONNX metadata_props keys (values are JSON text). Shared with repconv.export.onnx.
+# ONNX metadata_props written by repconv.export.onnx: "repconv.<key>", lists as JSON text (docs/export.md).
+ONNX_PREFIX = "repconv."
 ONNX_KEYS = ("repconv_version", "arch", "plan_digest", "input_size", "mean", "std", "class_names", "dtype")
 
 
@@ -46,7 +47,7 @@ class ArtifactInfo:
     def from_onnx_props(cls, props: Mapping[str, str], input_shape: tuple | None = None,
                         kind: str = "onnx") -> ArtifactInfo:
         """From ONNX ``metadata_props``; falls back to the graph's input shape when the size is absent."""
-        values = {k: _parse(v) for k, v in props.items()}
+        values = {k.removeprefix(ONNX_PREFIX): _parse(v) for k, v in props.items()}
         if isinstance(values.get("repconv"), dict):  # a whole CheckpointMeta under one key
             values = {**values["repconv"], **{k: v for k, v in values.items() if k != "repconv"}}
         size = values.get("input_size")
@@ -68,15 +69,18 @@ class ArtifactInfo:
 
 
 def onnx_props(meta: CheckpointMeta, dtype: str = "fp32") -> dict[str, str]:
-    """The ``metadata_props`` an exported ONNX carries (JSON values)."""
-    plan_digest = meta.plan.digest() if meta.plan is not None else None
-    values = {"repconv_version": meta.repconv_version, "arch": meta.arch, "plan_digest": plan_digest,
-              "input_size": list(meta.input_size), "mean": list(meta.mean), "std": list(meta.std),
-              "class_names": meta.class_names, "dtype": dtype}
-    return {k: json.dumps(v) for k, v in values.items() if v is not None}
+    """The input-contract subset of the ``metadata_props`` repconv.export.onnx writes (same keys, same format)."""
+    plan_digest = meta.plan.digest() if meta.plan is not None and meta.plan.steps else ""
+    values = {"repconv_version": meta.repconv_version, "arch": meta.arch or "", "plan_digest": plan_digest,
+              "input_size": json.dumps(list(meta.input_size)), "mean": json.dumps(list(meta.mean)),
+              "std": json.dumps(list(meta.std)),
+              "class_names": json.dumps(meta.class_names) if meta.class_names else "", "dtype": dtype}
+    return {ONNX_PREFIX + k: v for k, v in values.items()}
 
 
 def _parse(value: str) -> Any:
+    if value == "":
+        return None
     try:
         return json.loads(value)
     except (json.JSONDecodeError, TypeError):

@@ -100,7 +100,7 @@ def test_precision_is_read_from_the_graph():
     assert _graph_dtype(_tiny_graph(TensorProto.FLOAT), {}) == "fp32"
     assert _graph_dtype(_tiny_graph(TensorProto.FLOAT16), {}) == "fp16"
     assert _graph_dtype(_tiny_graph(TensorProto.FLOAT, ("QuantizeLinear",)), {}) == "int8"
-    assert _graph_dtype(_tiny_graph(TensorProto.FLOAT), {"dtype": '"fp16"'}) == "fp16"  # export's own word
+    assert _graph_dtype(_tiny_graph(TensorProto.FLOAT), {"repconv.dtype": "fp16"}) == "fp16"  # export's word
 
 
 class _FakeFlags:
@@ -123,8 +123,8 @@ def test_compare_logits():
 
 def _sidecar(**versions):
     base = {"tensorrt": "10.8.0", "cuda": "12.6", "gpu": "NVIDIA L4", "compute_capability": "8.9"}
-    return EngineSidecar(onnx="m.onnx", onnx_sha256="0" * 64, onnx_metadata={"input_size": "[3, 32, 32]",
-                         "class_names": '["a", "b"]', "dtype": '"fp16"'},
+    return EngineSidecar(onnx="m.onnx", onnx_sha256="0" * 64, onnx_metadata={"repconv.input_size": "[3, 32, 32]",
+                         "repconv.class_names": '["a", "b"]', "repconv.dtype": "fp16"},
                          inputs={"input": {"min": [1, 3, 32, 32], "opt": [8, 3, 32, 32], "max": [32, 3, 32, 32]}},
                          outputs=["logits"], dtype="fp16", builder={"strongly_typed": True},
                          versions={**base, **versions}, params=10, macs=20)
