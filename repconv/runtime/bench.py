@@ -141,13 +141,17 @@ def _status_kib(field_name: str) -> int | None:
     return None
 
 
-def rss_bytes() -> int:
-    kib = _status_kib("VmRSS")
-    if kib is None:
+def _status_bytes(field_name: str) -> int:
+    kib = _status_kib(field_name)
+    if kib is None:  # not Linux: the lifetime high-water mark is the best there is
         import resource
 
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return kib * 1024
+
+
+def rss_bytes() -> int:
+    return _status_bytes("VmRSS")
 
 
 def reset_peak_rss() -> bool:
@@ -162,12 +166,7 @@ def reset_peak_rss() -> bool:
 
 def peak_rss_bytes() -> int:
     """Peak RSS since the last reset (or, where resets are impossible, since the process started)."""
-    kib = _status_kib("VmHWM")
-    if kib is None:
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return kib * 1024
+    return _status_bytes("VmHWM")
 
 
 # ---------------------------------------------------------------- machine
