@@ -331,6 +331,7 @@ def bench(artifacts: Sequence[str | os.PathLike], *, batches: Sequence[int] = (1
     from repconv.errors import InputFileError, OptionError
     from repconv.runtime.bench import plot_report, run_bench
     from repconv.runtime.session import BACKENDS
+    from repconv.runtime.tensorrt import require_tensorrt
 
     options = BenchOptions(tuple(batches), size, warmup, repeats, max_seconds, device, threads)
     options.validate()
@@ -354,6 +355,8 @@ def bench(artifacts: Sequence[str | os.PathLike], *, batches: Sequence[int] = (1
                 raise InputFileError(f"'{path}' does not exist or is not a file", "check the artifact paths")
             natural = artifact_backend(path)
             chosen = [b for b in (backends or [natural]) if b == natural or (natural, b) == ("ort", "trt")]
+            if "trt" in chosen:  # refuse now, not after measuring the artifacts before this one
+                require_tensorrt(f"benchmarking '{path.name}' with TensorRT")
             if not chosen:
                 raise OptionError(f"'{path}' runs on the {natural} backend, which --backend "
                                   f"{','.join(backends)} leaves out", f"add {natural} to --backend")

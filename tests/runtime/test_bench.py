@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from repconv import api
-from repconv.errors import InputFileError, OptionError, OutputError
+from repconv.errors import DependencyError, InputFileError, OptionError, OutputError
 from repconv.runtime.bench import parse_batches, schema, validate_report
 
 FAST = dict(warmup=1, repeats=3, max_seconds=2.0, threads=1)
@@ -102,6 +102,20 @@ def test_bench_bad_input(tmp_path, small_checkpoint, small_onnx):
     with pytest.raises(InputFileError, match="not a readable ONNX"):
         api.bench([bad], **FAST)
     assert not list(tmp_path.glob("*.json")) and not list(tmp_path.glob(".*part"))
+
+
+def test_bench_tensorrt_targets_are_refused_up_front_without_tensorrt(tmp_path, small_checkpoint, small_onnx):
+    from repconv.runtime.tensorrt import sidecar_path, tensorrt_environment
+
+    if not tensorrt_environment().missing():
+        pytest.skip("TensorRT and a GPU are present: nothing to refuse")
+    with pytest.raises(DependencyError, match="pip install 'repconv\\[tensorrt\\]'"):
+        api.bench([small_checkpoint, small_onnx], backends=["torch", "ort", "trt"], **FAST)
+    engine = tmp_path / "m.engine"
+    engine.write_bytes(b"x")
+    sidecar_path(engine).write_text("{}")
+    with pytest.raises(DependencyError, match=r"benchmarking 'm\.engine' with TensorRT"):
+        api.bench([small_checkpoint, engine], **FAST)
 
 
 def test_bench_cli(run_cli, small_checkpoint, small_onnx, tmp_path):
