@@ -39,7 +39,7 @@ from repconv.convert.graph import (
 from repconv.convert.plan import Plan
 from repconv.convert.replacement import replaced_units, select_units
 from repconv.errors import ArchError, NothingToReplace, OutputError, PlanError, VerificationError
-from repconv.export.onnx import ExportResult, export_onnx
+from repconv.export.onnx import ExportResult, check_options, export_onnx
 from repconv.export.tensorrt import EngineBuild, EngineOptions
 from repconv.runtime.bench import BenchOptions, BenchReport, Target
 from repconv.runtime.predict import PredictResult
@@ -745,6 +745,7 @@ def export(model: ModelLike | Conversion, output: str | os.PathLike, *, format: 
     """
     if format != "onnx":
         raise PlanError(f"unknown export format '{format}'", "use --format onnx")
+    check_options(output, **options)  # fail fast, before loading and folding
     loaded = _as_loaded(model, arch=arch, num_classes=num_classes, trust_pickle=trust_pickle)
     if replaced_units(loaded.model) or loaded.meta.kind == "converted":
         folded = fold(loaded)
