@@ -845,13 +845,11 @@ def bench(artifacts: Sequence[str | os.PathLike], *, batches: Sequence[int] = (1
     its own backend. ``json_out`` / ``plot`` are written at the end (checked for writability first).
     """
     import json
-    import tempfile
 
     from repconv.checkpoint import check_output_path, write_text_atomic
-    from repconv.errors import InputFileError, OptionError
-    from repconv.runtime.bench import plot_report, run_bench
+    from repconv.errors import OptionError
+    from repconv.runtime.bench import plot_report
     from repconv.runtime.session import BACKENDS
-    from repconv.runtime.tensorrt import require_tensorrt
 
     options = BenchOptions(tuple(batches), size, warmup, repeats, max_seconds, device, threads)
     options.validate()
@@ -865,8 +863,29 @@ def bench(artifacts: Sequence[str | os.PathLike], *, batches: Sequence[int] = (1
     unknown = [b for b in backends or () if b not in BACKENDS]
     if unknown:
         raise OptionError(f"unknown backend {', '.join(unknown)}", f"choose from {','.join(BACKENDS)}")
+    previous_threads = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
+    try:
+        report = _bench_targets(artifacts, options, backends, device, arch, num_classes, trust_pickle, threads,
+                                progress)
+    finally:
+        torch.set_num_threads(previous_threads)
+    if json_out is not None:
+        write_text_atomic(json_out, json.dumps(report.to_dict(), indent=2) + "\n")
+    if plot is not None:
+        plot_report(report, Path(plot))
+    return report
+
+
+def _bench_targets(artifacts, options, backends, device, arch, num_classes, trust_pickle, threads, progress
+                   ) -> BenchReport:
+    import tempfile
+
+    from repconv.errors import InputFileError, OptionError
+    from repconv.runtime.bench import run_bench
+    from repconv.runtime.tensorrt import require_tensorrt
+
     with tempfile.TemporaryDirectory(prefix="repconv-bench-") as scratch:
         targets = []
         for artifact in artifacts:
@@ -886,12 +905,7 @@ def bench(artifacts: Sequence[str | os.PathLike], *, batches: Sequence[int] = (1
                     run_path = build_engine(path, Path(scratch) / f"{path.stem}.engine").engine
                 targets.append(Target(path.name, run_path, b, _opener(run_path, b, device, arch, num_classes,
                                                                       trust_pickle, threads)))
-        report = run_bench(targets, options, progress)
-    if json_out is not None:
-        write_text_atomic(json_out, json.dumps(report.to_dict(), indent=2) + "\n")
-    if plot is not None:
-        plot_report(report, Path(plot))
-    return report
+        return run_bench(targets, options, progress)
 
 
 def _opener(path: Path, backend: str, device, arch, num_classes, trust_pickle, threads):

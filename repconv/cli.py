@@ -627,17 +627,21 @@ def bench(artifacts: Annotated[list[Path], typer.Argument(help="checkpoints, .on
 
     batches = parse_batches(batch)
     backends = [b.strip() for b in backend.split(",") if b.strip()] if backend else None
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=err, transient=True) as bar:
-        task = bar.add_task("bench", total=None)
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   console=err, transient=True)
+    task = bar.add_task("bench", total=None)
 
-        def progress(message: str, done: int, total: int) -> None:
-            bar.update(task, description=message, completed=done, total=total)
+    def progress(message: str, done: int, total: int) -> None:
+        bar.start()  # only once measuring begins, so that an early one-line error stays one line
+        bar.update(task, description=message, completed=done, total=total)
 
+    try:
         report = api.bench(artifacts, batches=batches, size=size, backends=backends, device=device, warmup=warmup,
                            repeats=repeats, max_seconds=max_seconds, threads=threads, arch=arch,
                            num_classes=num_classes, trust_pickle=trust_pickle, json_out=json_out, plot=plot,
                            progress=progress)
+    finally:
+        bar.stop()
     if as_json:
         emit_json(report.to_dict())
     else:
