@@ -10,6 +10,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -30,13 +31,19 @@ from repconv.convert.plan import Plan
 from repconv.convert.replacement import replaced_units, select_units
 from repconv.errors import NothingToReplace, PlanError
 
+if TYPE_CHECKING:
+    from repconv import demo as demo_module
+
 __all__ = [
     "Conversion",
     "ConversionSummary",
+    "ReportResult",
     "convert",
+    "demo",
     "inspect",
     "load",
     "load_checkpoint",
+    "report",
     "save",
     "summarize",
 ]
@@ -223,3 +230,33 @@ def check_round_trip(conversion: Conversion, path: str | os.PathLike) -> float:
     reloaded = load(path)
     with torch.no_grad():
         return float((conversion.model.eval()(x) - reloaded.eval()(x)).abs().max())
+
+
+# ---------------------------------------------------------------- see it (issue 5): demo, report
+
+
+@dataclass
+class ReportResult:
+    path: Path
+    run_dir: Path
+    summary: dict
+
+    def to_dict(self) -> dict:
+        return {"report": str(self.path), "run_dir": str(self.run_dir), **self.summary}
+
+
+def report(run_dir: str | os.PathLike, output: str | os.PathLike | None = None) -> ReportResult:
+    """Render ``RUN_DIR/run.json`` as one self-contained HTML page (default ``RUN_DIR/report.html``)."""
+    from repconv.report import read_run, summarize_run, write_report
+
+    summary = summarize_run(read_run(run_dir))
+    return ReportResult(write_report(run_dir, output), Path(run_dir), summary)
+
+
+def demo(out: str | os.PathLike = "repconv-demo", *, quick: bool = False, progress: bool = True,
+         say=None) -> demo_module.DemoResult:
+    """The whole pipeline offline on the bundled digits data; artifacts, run.json and report.html in ``out``."""
+    from repconv.demo import run_demo
+
+    return run_demo(out, quick=quick, progress=progress, say=say)
+
