@@ -211,7 +211,9 @@ def _fold(run: RunRecord, out: Path, source: Path, name: str, step) -> Path:
 
 def _export(run: RunRecord, out: Path, source: Path, name: str, dtype: str, cfg: DemoConfig, step,
             say: Say) -> Path:
-    path = out / f"{name}.onnx"
+    """Stage ``NAME-onnx[-DTYPE]``, file ``NAME[-DTYPE].onnx``."""
+    suffix = "" if dtype == "fp32" else f"-{dtype}"
+    path, name = out / f"{name}{suffix}.onnx", f"{name}-onnx{suffix}"
     reference = run.stages[-1] if dtype == "fp32" else next(s for s in reversed(run.stages) if s.kind != "onnx")
     with step(f"exporting {reference.name} to ONNX {dtype}") as t:
         options = {"calib": DATA, "check_images": DATA} if dtype == "int8" else {}
@@ -292,7 +294,7 @@ def run_demo(out: str | Path = "repconv-demo", *, quick: bool = False, progress:
     rep_finetuned = rep
     rep_folded = _fold(run, out, rep, "replacement-folded", step)
     rep_onnx = _export(run, out, rep_folded, "replacement", "fp32", cfg, step, say)
-    rep_int8 = _export(run, out, rep_folded, "replacement-int8", "int8", cfg, step, say)
+    rep_int8 = _export(run, out, rep_folded, "replacement", "int8", cfg, step, say)
 
     pf, pf_conv = _convert(run, out, original, "pf-hybrid", step, method="parameter-free", pf_policy="hybrid")
     pf = _finetune(run, out, pf, original, "pf-hybrid-finetuned", "parameter-free", "all", cfg.pf_finetune_epochs,
