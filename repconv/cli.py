@@ -248,7 +248,7 @@ def demo(out_dir: Annotated[Path, typer.Option("--out", help="folder for the art
     """The whole pipeline offline on the bundled digits data: train, convert, recover, fold, export, bench."""
     from repconv import api
 
-    result = api.demo(out_dir, quick=quick, progress=True, say=lambda m: err.print(m, highlight=False))
+    result = api.demo(out_dir, quick=quick, progress=True, say=lambda m: err.print(m, markup=False, highlight=False))
     summary = result.to_dict()
     if as_json:
         emit_json(summary)

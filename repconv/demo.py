@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from repconv import api
-from repconv.errors import InputFileError, OutputError
+from repconv.errors import InputFileError, OutputError, VerificationError
 from repconv.report import RUN_FILE, Parity, PlanRow, RunRecord, Stage, machine_info, write_report
 
 DATA = "digits"
@@ -210,17 +210,29 @@ def _fold(run: RunRecord, out: Path, source: Path, name: str, step) -> Path:
 
 
 def _export(run: RunRecord, out: Path, source: Path, name: str, dtype: str, cfg: DemoConfig, step,
-            say: Say) -> Path:
+            say: Say) -> Path | None:
     """Stage ``NAME-onnx[-DTYPE]``, file ``NAME[-DTYPE].onnx``."""
     suffix = "" if dtype == "fp32" else f"-{dtype}"
     path, name = out / f"{name}{suffix}.onnx", f"{name}-onnx{suffix}"
     reference = run.stages[-1] if dtype == "fp32" else next(s for s in reversed(run.stages) if s.kind != "onnx")
     with step(f"exporting {reference.name} to ONNX {dtype}") as t:
         options = {"calib": DATA, "check_images": DATA} if dtype == "int8" else {}
-        res = api.export(source, path, dtype=dtype, exporter=cfg.exporter, progress=lambda m: say(f"      {m}"),
-                         **options)
-        meta = api.load_checkpoint(source).meta
-        acc = _onnx_accuracy(path, _val_set(meta))
+        try:
+            res = api.export(source, path, dtype=dtype, exporter=cfg.exporter,
+                             progress=lambda m: say(f"      {m}"), **options)
+        except VerificationError as exc:
+            if dtype == "fp32":
+                raise
+            refused = exc
+        else:
+            refused = None
+            acc = _onnx_accuracy(path, _val_set(api.load_checkpoint(source).meta))
+    if refused is not None:  # a lower precision that fails its check is reported, and the demo goes on
+        note = f"NOT EXPORTED: {dtype} failed verification: {refused}"
+        say(note)
+        run.notes.append(f"{name}: {note}")
+        run.add(Stage(name, "onnx", reference.method, None, None, None, None, None, None, [], t["seconds"], [note]))
+        return None
     parity = [Parity("pytorch" if c.reference == "pytorch" else f"onnx fp32 ({c.stage} step)", c.max_abs,
                      c.max_rel, c.top1_agreement, f"{c.stage}: {c.inputs}, batch {list(c.batch_sizes)}")
               for c in res.checks]
@@ -306,7 +318,7 @@ def run_demo(out: str | Path = "repconv-demo", *, quick: bool = False, progress:
     if "bench" in missing:
         run.notes.append("not benchmarked: this build of repconv has no repconv.bench")
     else:
-        _bench(run, out, [original, rep_folded, rep_onnx, rep_int8, pf_onnx], cfg, step)
+        _bench(run, out, [p for p in (original, rep_folded, rep_onnx, rep_int8, pf_onnx) if p is not None], cfg, step)
     run.seconds = time.perf_counter() - start
     run.save(out)
     report = write_report(out, out / "report.html")

@@ -37,6 +37,8 @@ def test_demo_runs_every_stage(demo_run):
                      "replacement-folded", "replacement-onnx", "replacement-onnx-int8", "pf-hybrid",
                      "pf-hybrid-finetuned", "pf-hybrid-folded", "pf-hybrid-onnx"]
     for stage in run.stages:
+        if stage.name == "replacement-onnx-int8" and stage.artifact is None:
+            continue
         assert stage.artifact and (out / stage.artifact).is_file(), stage.name
         assert stage.file_size == (out / stage.artifact).stat().st_size
         assert stage.val_acc is not None, stage.name
@@ -52,8 +54,12 @@ def test_demo_runs_every_stage(demo_run):
     assert by["replacement-folded"].val_acc == pytest.approx(by["replacement-finetuned"].val_acc, abs=0.003)
     # exports verified against their references; int8 agrees with fp32 on real images
     assert all(p.max_abs < 1e-3 for p in by["replacement-onnx"].parity if p.reference == "pytorch")
-    int8 = [p for p in by["replacement-onnx-int8"].parity if p.top1_agreement is not None]
-    assert int8 and int8[0].top1_agreement >= 0.95
+    int8 = by["replacement-onnx-int8"]
+    if int8.artifact is None:  # refused by its verification: the run must say so, loudly
+        assert "failed verification" in int8.notes[0] and any("replacement-onnx-int8" in n for n in run.notes)
+    else:
+        agreement = [p.top1_agreement for p in int8.parity if p.top1_agreement is not None]
+        assert agreement and agreement[0] >= 0.98
     assert by["replacement-onnx"].val_acc == pytest.approx(by["replacement-folded"].val_acc, abs=0.003)
     # parameter-free hybrid: fewer parameters and MACs than the original
     assert by["pf-hybrid"].params < by["original"].params and by["pf-hybrid"].macs < by["original"].macs

@@ -83,7 +83,7 @@ def test_run_record_round_trip(run_dir):
     assert [s.name for s in run.stages] == ["original", "replacement"]
     assert run.stages[0].val_acc >= 0.95  # the digits model is trained to ~99%
     assert run.stages[1].params < run.stages[0].params
-    assert len(run.plan) == 3 and all(set(r.scalars) == {"a", "b"} for r in run.plan)
+    assert run.plan and all(set(r.scalars) == {"a", "b"} for r in run.plan)
     assert run.stages[1].parity[0].max_abs < 1e-5
     assert len(bench_rows(run.bench)) == 4
     assert json.loads((run_dir / RUN_FILE).read_text())["format"] == "repconv-run"
