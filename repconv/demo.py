@@ -31,15 +31,16 @@ class DemoConfig:
     train_epochs: int = 8
     finetune_epochs: int = 2
     pf_finetune_epochs: int = 3
-    finetune_train: str = "norm"  # what the replacement model trains: scalars | norm | all
+    finetune_train: str = "scalars"  # what the replacement model trains: scalars | norm | all
+    finetune_batches: int | None = None  # batches per fine-tuning epoch (None: the whole training split)
     bench_batches: tuple[int, ...] = (1, 16)
     bench_repeats: int = 30
     exporter: str = "dynamo"
 
 
 FULL = DemoConfig()
-QUICK = DemoConfig(train_epochs=3, finetune_epochs=1, pf_finetune_epochs=1, bench_batches=(1,), bench_repeats=10,
-                   exporter="legacy")
+QUICK = DemoConfig(train_epochs=3, finetune_epochs=1, pf_finetune_epochs=1, finetune_batches=8, bench_batches=(1,),
+                   bench_repeats=10, exporter="legacy")
 
 
 @dataclass
@@ -177,11 +178,11 @@ def _calibrate(run: RunRecord, out: Path, converted: Path, original: Path, step)
 
 
 def _finetune(run: RunRecord, out: Path, source: Path, original: Path, name: str, method: str, train: str,
-              epochs: int, step, progress: bool) -> Path:
+              epochs: int, cfg: DemoConfig, step, progress: bool) -> Path:
     path = out / f"{name}.repconv.safetensors"
     with step(f"fine-tuning {name} (distillation + labels, training {train}, {epochs} epochs)") as t:
         res = api.finetune(source, data=DATA, output=path, teacher=original, objective="both", train=train,
-                           epochs=epochs, lr=3e-3, progress=progress)
+                           epochs=epochs, lr=3e-3, batches_per_epoch=cfg.finetune_batches, progress=progress)
     prev = run.stages[-1]
     run.add(Stage(name, "finetuned", method, _rel(out, path), _size(path), res.val_acc, res.total_params,
                   res.trainable_params, prev.macs, [], t["seconds"],
@@ -302,7 +303,7 @@ def run_demo(out: str | Path = "repconv-demo", *, quick: bool = False, progress:
     rep, _ = _convert(run, out, original, "replacement", step, method="replacement")
     rep = _calibrate(run, out, rep, original, step)
     rep = _finetune(run, out, rep, original, "replacement-finetuned", "replacement", cfg.finetune_train,
-                    cfg.finetune_epochs, step, progress)
+                    cfg.finetune_epochs, cfg, step, progress)
     rep_finetuned = rep
     rep_folded = _fold(run, out, rep, "replacement-folded", step)
     rep_onnx = _export(run, out, rep_folded, "replacement", "fp32", cfg, step, say)
@@ -310,7 +311,7 @@ def run_demo(out: str | Path = "repconv-demo", *, quick: bool = False, progress:
 
     pf, pf_conv = _convert(run, out, original, "pf-hybrid", step, method="parameter-free", pf_policy="hybrid")
     pf = _finetune(run, out, pf, original, "pf-hybrid-finetuned", "parameter-free", "all", cfg.pf_finetune_epochs,
-                   step, progress)
+                   cfg, step, progress)
     pf_folded = _fold(run, out, pf, "pf-hybrid-folded", step)
     pf_onnx = _export(run, out, pf_folded, "pf-hybrid", "fp32", cfg, step, say)
 
