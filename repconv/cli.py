@@ -248,7 +248,8 @@ def demo(out_dir: Annotated[Path, typer.Option("--out", help="folder for the art
     """The whole pipeline offline on the bundled digits data: train, convert, recover, fold, export, bench."""
     from repconv import api
 
-    result = api.demo(out_dir, quick=quick, progress=True, say=lambda m: err.print(m, markup=False, highlight=False))
+    result = api.demo(out_dir, quick=quick, progress=True, say=lambda m: err.print(m, markup=False, highlight=False,
+                                                                         soft_wrap=True))
     summary = result.to_dict()
     if as_json:
         emit_json(summary)

@@ -131,7 +131,9 @@ def _original(run: RunRecord, out: Path, cfg: DemoConfig, step, progress: bool) 
     if path.exists():
         with step(f"reusing the trained {cfg.arch} from {path}") as t:
             loaded = api.load_checkpoint(path)
-            if loaded.meta.arch != cfg.arch:
+            from repconv.models import resolve_arch
+
+            if loaded.meta.arch != resolve_arch(cfg.arch).name:
                 raise InputFileError(f"'{path}' holds a {loaded.meta.arch}, not the demo's {cfg.arch}",
                                      "delete it or choose another --out")
             acc = _torch_accuracy(loaded.model, _val_set(loaded.meta))
