@@ -28,6 +28,8 @@ def test_convert_json_and_file(run_cli, r32_file, tmp_path):
     assert s["replaced_units"] == ["layer1.1", "layer1.3", "layer2.2", "layer3.2"]
     assert s["params_after"] < s["params_before"] and s["flops_after"] == s["flops_before"]
     assert out.is_file() and json.loads((tmp_path / "plan.json").read_text())["steps"]
+    # shapes propagated on the traced graph at the architecture's input size (32px)
+    assert {r["container"]: r["output_shape"] for r in s["runs"]}["layer3"] == [1, 64, 8, 8]
 
 
 def test_inspect_table_writes_nothing(run_cli, r32_file, tmp_path):
