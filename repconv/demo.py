@@ -171,11 +171,12 @@ def _calibrate(run: RunRecord, out: Path, converted: Path, original: Path, step)
     with step("calibrating the replaced units' scalars (function space)") as t:
         cal = api.calibrate(converted, teacher=original, data=DATA, output=path)
     prev = run.stage("replacement")
-    errors = ", ".join(f"{u['unit']}: {u.get('rel_error_before', float('nan')):.3f} -> "
-                       f"{u.get('rel_error_after', float('nan')):.3f}" for u in cal.units)
+    scalars = ", ".join(f"{u['unit']}: a {u['a_before']:.3f} -> {u['a']:.3f}, b {u['b_before']:.3f} -> {u['b']:.3f}"
+                        for u in cal.units)
     run.add(Stage("replacement-calibrated", "calibrated", "replacement", _rel(out, path), _size(path), cal.val_acc,
                   prev.params, prev.trainable_params, prev.macs, [], t["seconds"],
-                  [f"fitted on {cal.images} images; unit output error {errors}"]))
+                  [f"fitted on {cal.images} images: KL to the original {cal.kl_before:.4f} -> {cal.kl_after:.4f}; "
+                   f"{scalars}"]))
     return path
 
 
