@@ -260,13 +260,14 @@ def _plan_rows(finetuned: Path, pf_conversion) -> list[PlanRow]:
     return rows
 
 
-def _bench(run: RunRecord, out: Path, artifacts: list[Path], cfg: DemoConfig, step) -> None:
-    with step(f"benchmarking {len(artifacts)} artifacts, batch {', '.join(map(str, cfg.bench_batches))}") as t:
-        res = api.bench([str(p) for p in artifacts], batches=list(cfg.bench_batches), repeats=cfg.bench_repeats,
-                        output=out / "bench.json")
-    run.bench = res.to_dict() if hasattr(res, "to_dict") else res
-    run.notes.append(f"bench took {t['seconds']:.1f} s; timings are from a machine shared with other work "
-                     "unless stated otherwise")
+def _bench(run: RunRecord, out: Path, artifacts: list[Path], cfg: DemoConfig, step, say: Say) -> None:
+    with step(f"benchmarking {len(artifacts)} artifacts, batch {', '.join(map(str, cfg.bench_batches))}"):
+        res = api.bench([str(p) for p in artifacts], batches=cfg.bench_batches, repeats=cfg.bench_repeats,
+                        json_out=out / "bench.json", progress=lambda m: say(f"      {m}"))
+    run.bench = res.to_dict()
+    load = run.bench.get("machine", {}).get("load_average")
+    if load and load[0] > 0.5 * (run.bench["machine"].get("cpu_count") or 1):
+        run.notes.append(f"the machine was busy while timing (load average {load[0]:.1f}): latencies are noisy")
 
 
 # ---------------------------------------------------------------- the demo
@@ -322,7 +323,8 @@ def run_demo(out: str | Path = "repconv-demo", *, quick: bool = False, progress:
     if "bench" in missing:
         run.notes.append("not benchmarked: this build of repconv has no repconv.bench")
     else:
-        _bench(run, out, [p for p in (original, rep_folded, rep_onnx, rep_int8, pf_onnx) if p is not None], cfg, step)
+        _bench(run, out, [p for p in (original, rep_folded, rep_onnx, rep_int8, pf_onnx) if p is not None], cfg, step,
+               say)
     run.seconds = time.perf_counter() - start
     run.save(out)
     report = write_report(out, out / "report.html")

@@ -184,14 +184,13 @@ class BenchRow:
 
 
 def bench_rows(bench: dict | None) -> list[BenchRow]:
-    """The measurements of a `repconv bench --json` object (its ``results`` list)."""
+    """The measurements of a `repconv bench --json` object: every timing of every target."""
     rows = []
-    for r in (bench or {}).get("results", []):
-        if r.get("error") or r.get("median_ms") is None:
-            continue
-        rows.append(BenchRow(str(r.get("label") or Path(str(r.get("artifact", "?"))).name),
-                             str(r.get("backend", "")), int(r.get("batch", 1)), float(r["median_ms"]),
-                             _opt_float(r.get("p90_ms")), _opt_float(r.get("throughput"))))
+    for target in (bench or {}).get("targets", []):
+        label = str(target.get("label") or Path(str(target.get("path", "?"))).name)
+        for t in target.get("timings", []):
+            rows.append(BenchRow(label, str(target.get("backend", "")), int(t["batch"]), float(t["median_ms"]),
+                                 _opt_float(t.get("p90_ms")), _opt_float(t.get("throughput"))))
     return rows
 
 
@@ -423,8 +422,12 @@ def _bench_section(run: RunRecord) -> str:
 def _machine_line(m: dict | None) -> str:
     if not m:
         return "an unrecorded machine"
+    versions = {**m, **m.get("versions", {})}  # bench nests the library versions under "versions"
     keys = ("cpu", "torch_threads", "torch", "onnxruntime")
-    return ", ".join(f"{k} {m[k]}" for k in keys if m.get(k) is not None)
+    line = ", ".join(f"{k} {versions[k]}" for k in keys if versions.get(k) is not None)
+    if m.get("load_average"):
+        line += f", load average {m['load_average'][0]:.1f}"
+    return line
 
 
 def render_html(run: RunRecord) -> str:

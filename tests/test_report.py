@@ -32,8 +32,8 @@ from repconv.report import (
 from tests.conftest import accuracy
 
 
-def _latency(model: torch.nn.Module, batch: int, repeats: int = 15) -> dict:
-    """A measured latency in the bench JSON's result format (what `repconv bench --json` writes)."""
+def _timings(model: torch.nn.Module, batch: int, repeats: int = 15) -> dict:
+    """Measured latencies in the bench JSON's timing format (what `repconv bench --json` writes)."""
     x = example_input((3, 32, 32), batch=batch)
     times = []
     with torch.no_grad():
@@ -44,8 +44,8 @@ def _latency(model: torch.nn.Module, batch: int, repeats: int = 15) -> dict:
             times.append((time.perf_counter() - start) * 1e3)
     t = torch.tensor(times)
     median = float(t.median())
-    return {"median_ms": median, "p90_ms": float(t.quantile(0.9)), "throughput": batch * 1e3 / median,
-            "batch": batch, "backend": "torch"}
+    return {"batch": batch, "latencies_ms": times, "median_ms": median, "p90_ms": float(t.quantile(0.9)),
+            "mean_ms": float(t.mean()), "throughput": batch * 1e3 / median}
 
 
 @pytest.fixture(scope="module")
@@ -68,12 +68,11 @@ def run_dir(tmp_path_factory, digits_checkpoint) -> Path:
                   [Parity("in-memory conversion", round_trip, round_trip, None, "reloaded vs in memory")]))
     run.plan = [PlanRow("replacement", u, [m.prev, m.next], {"a": float(m.a), "b": float(m.b)})
                 for u, m in replaced_units(conv.model).items()]
-    results = []
-    for label, model in (("original.repconv.safetensors", original), ("replacement.repconv.safetensors",
-                                                                       conv.model)):
-        for batch in (1, 4):
-            results.append({"artifact": str(out / label), "label": label, **_latency(model, batch)})
-    run.bench = {"machine": machine_info(), "results": results}
+    targets = [{"label": label, "path": str(out / label), "backend": "torch",
+                "timings": [_timings(model, batch) for batch in (1, 4)]}
+               for label, model in (("original.repconv.safetensors", original),
+                                    ("replacement.repconv.safetensors", conv.model))]
+    run.bench = {"machine": machine_info(), "targets": targets}
     run.save(out)
     return out
 
