@@ -41,22 +41,36 @@ from repconv.convert.plan import Plan
 from repconv.convert.replacement import replaced_units, select_units
 from repconv.errors import ArchError, NothingToReplace, OutputError, PlanError, VerificationError
 from repconv.export.onnx import ExportResult, export_onnx
+from repconv.export.tensorrt import EngineBuild, EngineOptions
+from repconv.runtime.bench import BenchOptions, BenchReport, Target
+from repconv.runtime.predict import PredictResult
+from repconv.runtime.session import Session, artifact_backend, open_session
 
 if TYPE_CHECKING:
     from repconv import demo as demo_module
 
 __all__ = [
+    "BenchOptions",
+    "BenchReport",
     "CalibrationResult",
     "Conversion",
     "ConversionSummary",
+    "EngineBuild",
+    "EngineOptions",
+    "EnginePlan",
     "ExportResult",
     "FinetuneResult",
     "FoldResult",
+    "PredictResult",
     "ReportResult",
+    "Session",
     "TrainResult",
+    "bench",
+    "build_engine",
     "calibrate",
     "convert",
     "demo",
+    "engine_plan",
     "export",
     "finetune",
     "fold",
@@ -64,7 +78,9 @@ __all__ = [
     "load",
     "load_checkpoint",
     "measured_units",
+    "open_session",
     "parameter_free_report",
+    "predict",
     "report",
     "save",
     "summarize",
@@ -594,16 +610,8 @@ class TrainResult:
 
 
 def folded_replacement(model: nn.Module, meta: CheckpointMeta) -> nn.Module:
-    """A replacement-only converted model as its original architecture: a*P_prev + b*P_next become weights."""
-    from repconv.checkpoint import fit_state_dict
-    from repconv.convert.replacement import scalar_names, synthesized_state
-    from repconv.models import resolve_arch
-
-    scalars = set(scalar_names(model))
-    state = {k: v for k, v in model.state_dict().items() if k not in scalars} | synthesized_state(model)
-    plain = resolve_arch(meta.arch).build(**meta.arch_kwargs)
-    fit_state_dict(plain, state, meta.arch, None)
-    return plain.eval()
+    """A replacement-only converted model as its original architecture (see :func:`fold`)."""
+    return fold(Loaded(model, meta)).model
 
 
 def train(arch: str, *, data: str | os.PathLike, output: str | os.PathLike, replace: bool = True,
@@ -749,6 +757,154 @@ def export(model: ModelLike | Conversion, output: str | os.PathLike, *, format: 
         folded = fold(loaded)
         loaded = Loaded(folded.model, folded.meta, loaded.path)
     return export_onnx(loaded.model, output, meta=loaded.meta, **options)
+# ---------------------------------------------------------------- runtime (issue 4 parts 4-5, issue 5 part 1)
+# TensorRT engines, the Session interface, predict, bench.
+
+
+
+def predict(artifact: str | os.PathLike, images: Sequence[str | os.PathLike], *, top_k: int = 5,
+            backend: str | None = None, device: str | None = None, arch: str | None = None,
+            num_classes: int | None = None, trust_pickle: bool = False, batch_size: int = 32) -> PredictResult:
+    """Top-k classes for image files (or folders of them) with any checkpoint, ONNX file or engine."""
+    from repconv.runtime.predict import predict_images
+
+    with open_session(artifact, backend, device, arch=arch, num_classes=num_classes,
+                      trust_pickle=trust_pickle) as session:
+        return predict_images(session, images, top_k=top_k, batch_size=batch_size)
+
+
+@dataclass
+class EnginePlan:
+    """What a TensorRT build of ``source`` would do: shapes, and the equivalent trtexec command."""
+
+    source: Path
+    onnx: Path
+    engine: Path
+    shapes: dict[str, dict[str, list[int]]]
+    dynamic: bool
+    trtexec: list[str]
+    onnx_first: list[str] | None = None  # the repconv command that writes the ONNX, when source is a checkpoint
+
+    def to_dict(self) -> dict:
+        from repconv.export.tensorrt import format_command
+
+        return {"source": str(self.source), "onnx": str(self.onnx), "engine": str(self.engine),
+                "shapes": self.shapes, "dynamic": self.dynamic, "trtexec": self.trtexec,
+                "command": format_command(self.trtexec),
+                "onnx_first": format_command(self.onnx_first) if self.onnx_first else None}
+
+
+def engine_plan(source: str | os.PathLike, output: str | os.PathLike, options: EngineOptions | None = None, *,
+                dtype: str = "fp32", arch: str | None = None, num_classes: int | None = None,
+                trust_pickle: bool = False) -> EnginePlan:
+    """The engine build for ``source`` (an ONNX file, or a checkpoint to export first) without TensorRT."""
+    from repconv.export.tensorrt import profile_shapes, read_onnx, trtexec_command
+    from repconv.runtime.metadata import ArtifactInfo
+
+    options = options or EngineOptions()
+    options.validate()
+    source, output = Path(source), Path(output)
+    if artifact_backend(source) == "ort":
+        graph = read_onnx(source)
+        shapes, dynamic, onnx_path, first = profile_shapes(graph, options), any(s.dynamic for s in graph.inputs), \
+            source, None
+    else:
+        loaded = load_checkpoint(source, arch=arch, num_classes=num_classes, trust_pickle=trust_pickle)
+        size = list(ArtifactInfo.from_checkpoint(loaded.meta).input_size)
+        shapes = {"input": {"min": [options.min_batch, *size], "opt": [options.opt_batch, *size],
+                            "max": [options.max_batch, *size]}}
+        dynamic, onnx_path = True, output.with_suffix(".onnx")
+        first = ["repconv", "export", str(source), "--format", "onnx", "--dtype", dtype, "-o", str(onnx_path)]
+        if arch:
+            first[3:3] = ["--arch", arch]
+    return EnginePlan(source, onnx_path, output, shapes, dynamic,
+                      trtexec_command(onnx_path, output, shapes, options, dynamic), first)
+
+
+def build_engine(source: str | os.PathLike, output: str | os.PathLike, options: EngineOptions | None = None
+                 ) -> EngineBuild:
+    """Build a TensorRT engine (+ JSON sidecar) from an ONNX file and verify it against ONNX Runtime.
+
+    Needs TensorRT and an NVIDIA GPU; without them a DependencyError says how to get them.
+    """
+    from repconv.errors import InputFileError
+    from repconv.export.tensorrt import build_engine as _build
+    from repconv.runtime.tensorrt import require_tensorrt
+
+    require_tensorrt("building a TensorRT engine")
+    if artifact_backend(source) != "ort":
+        raise InputFileError(f"'{source}' is not an ONNX file; engines are built from the exported ONNX",
+                             f"run `repconv export {source} --format onnx -o MODEL.onnx` first, then "
+                             "`repconv export MODEL.onnx --format engine -o MODEL.engine`")
+    return _build(source, output, options)
+
+
+def bench(artifacts: Sequence[str | os.PathLike], *, batches: Sequence[int] = (1, 8, 32), size: int | None = None,
+          backends: Sequence[str] | None = None, device: str | None = None, warmup: int = 3, repeats: int = 20,
+          max_seconds: float = 10.0, threads: int | None = None, arch: str | None = None,
+          num_classes: int | None = None, trust_pickle: bool = False, json_out: str | os.PathLike | None = None,
+          plot: str | os.PathLike | None = None, progress=None) -> BenchReport:
+    """Measure artifacts side by side in this process; the first one is the baseline of every ratio.
+
+    Each artifact runs on every backend in ``backends`` that can run it (torch: checkpoints; ort: ONNX;
+    trt: engines, and ONNX files through a temporary engine when TensorRT is present); by default on
+    its own backend. ``json_out`` / ``plot`` are written at the end (checked for writability first).
+    """
+    import json
+    import tempfile
+
+    from repconv.checkpoint import check_output_path, write_text_atomic
+    from repconv.errors import InputFileError, OptionError
+    from repconv.runtime.bench import plot_report, run_bench
+    from repconv.runtime.session import BACKENDS
+    from repconv.runtime.tensorrt import require_tensorrt
+
+    options = BenchOptions(tuple(batches), size, warmup, repeats, max_seconds, device, threads)
+    options.validate()
+    if not artifacts:
+        raise OptionError("no artifact to bench", "give one or more checkpoints, .onnx files or .engine files")
+    for target in (json_out, plot):
+        if target is not None:
+            check_output_path(target)
+    if plot is not None and Path(plot).suffix.lower() not in (".png", ".svg", ".pdf"):
+        raise OptionError(f"--plot '{plot}' has no image suffix", "end it with .png, .svg or .pdf")
+    unknown = [b for b in backends or () if b not in BACKENDS]
+    if unknown:
+        raise OptionError(f"unknown backend {', '.join(unknown)}", f"choose from {','.join(BACKENDS)}")
+    if threads:
+        torch.set_num_threads(threads)
+    with tempfile.TemporaryDirectory(prefix="repconv-bench-") as scratch:
+        targets = []
+        for artifact in artifacts:
+            path = Path(artifact)
+            if not path.is_file():
+                raise InputFileError(f"'{path}' does not exist or is not a file", "check the artifact paths")
+            natural = artifact_backend(path)
+            chosen = [b for b in (backends or [natural]) if b == natural or (natural, b) == ("ort", "trt")]
+            if "trt" in chosen:  # refuse now, not after measuring the artifacts before this one
+                require_tensorrt(f"benchmarking '{path.name}' with TensorRT")
+            if not chosen:
+                raise OptionError(f"'{path}' runs on the {natural} backend, which --backend "
+                                  f"{','.join(backends)} leaves out", f"add {natural} to --backend")
+            for b in chosen:
+                run_path = path
+                if (natural, b) == ("ort", "trt"):
+                    run_path = build_engine(path, Path(scratch) / f"{path.stem}.engine").engine
+                targets.append(Target(path.name, run_path, b, _opener(run_path, b, device, arch, num_classes,
+                                                                      trust_pickle, threads)))
+        report = run_bench(targets, options, progress)
+    if json_out is not None:
+        write_text_atomic(json_out, json.dumps(report.to_dict(), indent=2) + "\n")
+    if plot is not None:
+        plot_report(report, Path(plot))
+    return report
+
+
+def _opener(path: Path, backend: str, device, arch, num_classes, trust_pickle, threads):
+    return lambda: open_session(path, backend if backend != "torch" else None, device, arch=arch,
+                                num_classes=num_classes, trust_pickle=trust_pickle, threads=threads)
+
+
 
 
 # ---------------------------------------------------------------- see it (issue 5): demo, report

@@ -36,16 +36,25 @@ _WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "module")
 # ---------------------------------------------------------------- atomic output
 
 
-@contextlib.contextmanager
-def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside ``target``; rename it onto ``target`` only if the block succeeds."""
+def check_output_path(target: str | os.PathLike) -> Path:
+    """Raise OutputError now if ``target`` could not be written (missing or read-only folder, a folder)."""
     target = Path(target)
     folder = target.parent if str(target.parent) else Path(".")
+    if target.is_dir():
+        raise OutputError(f"cannot write '{target}': it is a folder", "give a file name")
     if not folder.is_dir():
         raise OutputError(f"cannot write '{target}': folder '{folder}' does not exist", "create it first")
     if not os.access(folder, os.W_OK):
         raise OutputError(f"cannot write '{target}': folder '{folder}' is not writable",
                           "choose another output path")
+    return target
+
+
+@contextlib.contextmanager
+def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``target``; rename it onto ``target`` only if the block succeeds."""
+    target = check_output_path(target)
+    folder = target.parent
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=folder)
     os.close(fd)
     tmp = Path(tmp)

@@ -16,6 +16,7 @@ from typing import Annotated, Any
 import click
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from repconv.errors import RepconvError
@@ -456,11 +457,23 @@ def _render_export(r) -> None:
     for note in r.warnings:
         err.print(f"[yellow]warning:[/] {note}", soft_wrap=True)
 
+# ---- runtime helper: `export --format engine` (TensorRT) and `predict`
+
+BackendOpt = Annotated[str | None, typer.Option("--backend", help="torch | ort | trt (default: what the file is)")]
+DeviceOpt = Annotated[str | None, typer.Option("--device", help="cpu | cuda (default: cuda when available)")]
+
+
+def _engine_options(min_batch, opt_batch, max_batch, workspace, timing_cache, opt_level, verify):
+    from repconv.api import EngineOptions
+
+    return EngineOptions(min_batch, opt_batch, max_batch, workspace, timing_cache, opt_level, verify)
+
 
 @app.command()
 def export(model: ModelArg,
            output: Annotated[Path, typer.Option("-o", "--output", help="output file (.onnx)")],
-           format: Annotated[str, typer.Option("--format", help="onnx")] = "onnx",
+           fmt: Annotated[str, typer.Option("--format", help="onnx | engine (TensorRT, built from an ONNX file)")]
+           = "onnx",
            dtype: Annotated[str, typer.Option("--dtype", help="fp32 | fp16 | int8")] = "fp32",
            opset: Annotated[int | None, typer.Option("--opset", help="default: the newest both onnxruntime and "
                                                      "the exporter support")] = None,
@@ -484,13 +497,30 @@ def export(model: ModelArg,
                                                                "agreement with fp32 (fp16 0.99, int8 0.98)")] = None,
            ort_level: Annotated[str, typer.Option("--ort-level", help="onnxruntime optimization level used "
                                                   "for checks: disable | basic | extended | all")] = "all",
+           min_batch: Annotated[int, typer.Option("--min-batch", help="engine profile: smallest batch")] = 1,
+           opt_batch: Annotated[int, typer.Option("--opt-batch", help="engine profile: batch tuned for")] = 8,
+           max_batch: Annotated[int, typer.Option("--max-batch", help="engine profile: largest batch")] = 32,
+           workspace: Annotated[int, typer.Option("--workspace", help="engine builder workspace limit, MiB")] = 1024,
+           timing_cache: Annotated[Path | None, typer.Option("--timing-cache", help="TensorRT timing cache file "
+                                                             "(read if present, written after the build)")] = None,
+           opt_level: Annotated[int, typer.Option("--opt-level", help="TensorRT builder optimization level "
+                                                  "0..5")] = 3,
+           print_trtexec: Annotated[bool, typer.Option("--print-trtexec", help="print the equivalent trtexec "
+                                                       "command line instead of building")] = False,
            arch: ArchOpt = None, num_classes: NumClassesOpt = None, trust_pickle: TrustOpt = False,
            as_json: JsonOpt = False) -> None:
-    """Export a folded (or converted: folded first) model as a verified ONNX file."""
+    """Export a folded (or converted: folded first) model as a verified ONNX file, or a TensorRT engine."""
     from repconv import api
 
+    if fmt not in ("onnx", "engine"):
+        raise click.BadParameter(f"--format must be onnx or engine, not {fmt!r}")
+    if fmt == "engine":
+        options = _engine_options(min_batch, opt_batch, max_batch, workspace, timing_cache, opt_level, verify)
+        _export_engine(model, output, options, print_trtexec, dtype=dtype, arch=arch, num_classes=num_classes,
+                       trust_pickle=trust_pickle, as_json=as_json)
+        return
     with err.status("exporting") as status:
-        result = api.export(model, output, format=format, arch=arch, num_classes=num_classes,
+        result = api.export(model, output, arch=arch, num_classes=num_classes,
                             trust_pickle=trust_pickle, dtype=dtype, opset=opset, dynamic_batch=not static,
                             batch_size=batch_size, exporter=exporter, simplify=simplify, verify=verify,
                             calib=calib, calib_size=calib_size, check_images=check_images, fuse_bn=fuse_bn,
@@ -500,7 +530,152 @@ def export(model: ModelArg,
     else:
         _render_export(result)
 
+
+def _export_engine(model: Path, output: Path, options, print_trtexec: bool, *, dtype: str, arch: str | None,
+                   num_classes: int | None, trust_pickle: bool, as_json: bool) -> None:
+    """`repconv export --format engine`: build (or, with --print-trtexec, describe) a TensorRT engine."""
+    from repconv import api
+
+    if print_trtexec:
+        plan = api.engine_plan(model, output, options, dtype=dtype, arch=arch, num_classes=num_classes,
+                               trust_pickle=trust_pickle)
+        if as_json:
+            emit_json(plan.to_dict())
+            return
+        if plan.onnx_first:
+            err.print(f"first write the ONNX: {plan.to_dict()['onnx_first']}", soft_wrap=True)
+        sys.stdout.write(plan.to_dict()["command"] + "\n")
+        return
+    build = api.build_engine(model, output, options)
+    if as_json:
+        emit_json(build.to_dict())
+        return
+    table = Table(title=f"TensorRT engine -> {build.engine}", title_justify="left")
+    table.add_column("")
+    table.add_column("value")
+    table.add_row("precision (from the ONNX)", build.dtype)
+    for name, s in build.shapes.items():
+        table.add_row(f"profile '{name}' min/opt/max", " / ".join("x".join(map(str, s[k])) for k in ("min", "opt",
+                                                                                                      "max")))
+    table.add_row("TensorRT / CUDA / GPU", f"{build.versions['tensorrt']} / {build.versions['cuda']} / "
+                  f"{build.versions['gpu']} (sm {build.versions['compute_capability']})")
+    table.add_row("engine size", human(build.size_bytes, "B"))
+    for key, fig in build.verification.items():
+        table.add_row(f"vs ONNX Runtime, {key.replace('_', ' ')}", f"max abs {fig['max_abs']:.2e} "
+                      f"({fig['max_rel']:.2%}), top-1 agreement {fig['top1_agreement']:.0%}")
+    out.print(table)
+
+
+@app.command()
+def predict(artifact: Annotated[Path, typer.Argument(help="checkpoint, .onnx or .engine")],
+            images: Annotated[list[Path], typer.Argument(help="image files or folders of images")],
+            top_k: Annotated[int, typer.Option("--top-k", help="classes shown per image")] = 5,
+            backend: BackendOpt = None, device: DeviceOpt = None, arch: ArchOpt = None,
+            num_classes: NumClassesOpt = None, trust_pickle: TrustOpt = False, as_json: JsonOpt = False) -> None:
+    """Top-k classes per image with any checkpoint, ONNX file or TensorRT engine."""
+    from repconv import api
+
+    result = api.predict(artifact, images, top_k=top_k, backend=backend, device=device, arch=arch,
+                         num_classes=num_classes, trust_pickle=trust_pickle)
+    for warning in result.warnings:
+        err.print(f"[yellow]warning:[/] {escape(warning)}", soft_wrap=True)
+    if as_json:
+        emit_json(result.to_dict())
+        return
+    k = max((len(p.top) for p in result.predictions), default=0)
+    table = Table(title=escape(f"{artifact.name} [{result.backend}, {result.device}]"), title_justify="left")
+    table.add_column("image", overflow="fold")
+    for rank in range(1, k + 1):
+        table.add_column(f"#{rank}")
+    for p in result.predictions:
+        table.add_row(p.path, *[f"{s.label if s.label is not None else s.index} ({s.probability:.3f})"
+                                for s in p.top])
+    out.print(table)
+
+
 # ---------------------------------------------------------------- see it (issue 5: bench, demo, report)
+
+# ---- runtime helper: `bench`
+
+
+@app.command()
+def bench(artifacts: Annotated[list[Path], typer.Argument(help="checkpoints, .onnx files and .engine files; "
+                                                          "the first is the baseline")],
+          batch: Annotated[str, typer.Option("--batch", help="batch sizes, comma-separated")] = "1,8,32",
+          size: Annotated[int | None, typer.Option("--size", help="image side (default: the first artifact's "
+                                                   "input size)")] = None,
+          backend: Annotated[str | None, typer.Option("--backend", help="backends to run each artifact on, "
+                                                      "comma-separated: torch,ort,trt (default: its own)")] = None,
+          device: DeviceOpt = None,
+          warmup: Annotated[int, typer.Option("--warmup", help="untimed runs first")] = 3,
+          repeats: Annotated[int, typer.Option("--repeats", help="timed runs per batch size")] = 20,
+          max_seconds: Annotated[float, typer.Option("--max-seconds", help="time budget per artifact and "
+                                                     "batch size (at least 3 runs)")] = 10.0,
+          threads: Annotated[int | None, typer.Option("--threads", help="CPU threads (torch and ONNX "
+                                                      "Runtime alike)")] = None,
+          arch: ArchOpt = None, num_classes: NumClassesOpt = None, trust_pickle: TrustOpt = False,
+          json_out: Annotated[Path | None, typer.Option("--json-out", help="also write the full JSON report "
+                                                        "to this file")] = None,
+          plot: Annotated[Path | None, typer.Option("--plot", help="write a latency/throughput plot "
+                                                    "(.png, .svg or .pdf)")] = None,
+          as_json: JsonOpt = False) -> None:
+    """Latency, throughput, size and memory of artifacts side by side, in one process, on the same inputs."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from repconv import api
+    from repconv.runtime.bench import parse_batches
+
+    batches = parse_batches(batch)
+    backends = [b.strip() for b in backend.split(",") if b.strip()] if backend else None
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=err, transient=True) as bar:
+        task = bar.add_task("bench", total=None)
+
+        def progress(message: str, done: int, total: int) -> None:
+            bar.update(task, description=message, completed=done, total=total)
+
+        report = api.bench(artifacts, batches=batches, size=size, backends=backends, device=device, warmup=warmup,
+                           repeats=repeats, max_seconds=max_seconds, threads=threads, arch=arch,
+                           num_classes=num_classes, trust_pickle=trust_pickle, json_out=json_out, plot=plot,
+                           progress=progress)
+    if as_json:
+        emit_json(report.to_dict())
+    else:
+        _render_bench(report)
+    for path, what in ((json_out, "JSON report"), (plot, "plot")):
+        if path is not None:
+            err.print(f"{what} -> {path}")
+
+
+def _render_bench(report) -> None:
+    base = report.targets[0]
+    models = Table(title=f"Artifacts (baseline: {report.baseline})", title_justify="left")
+    for col in ("artifact", "backend", "dtype", "params", "MACs / image", "file", "peak memory", "load",
+                "max |Δ| vs baseline", "top-1 agree"):
+        models.add_column(col, justify="left" if col in ("artifact", "backend", "dtype") else "right")
+    for r in report.targets:
+        models.add_row(r.label, f"{r.backend} ({r.device})", r.dtype,
+                       human(r.params) if r.params is not None else "-",
+                       human(r.macs) if r.macs is not None else "-", human(r.file_bytes, "B"),
+                       human(r.peak_memory_bytes, "B"), f"{r.load_seconds:.2f}s",
+                       "baseline" if r is base else (f"{r.max_abs_diff_vs_baseline:.2e}"
+                                                     if r.max_abs_diff_vs_baseline is not None else "-"),
+                       "" if r is base else (f"{r.top1_agreement_vs_baseline:.0%}"
+                                             if r.top1_agreement_vs_baseline is not None else "-"))
+    out.print(models)
+    latency = Table(title=f"Latency at {report.options['size']}px, {report.machine['torch_threads']} threads "
+                    f"({report.machine['cpu']}, load {report.machine['load_average'][0]:.1f})"
+                    if report.machine.get("load_average") else "Latency", title_justify="left")
+    for col in ("artifact", "backend", "batch", "median ms", "p90 ms", "images/s", "speed-up"):
+        latency.add_column(col, justify="left" if col in ("artifact", "backend") else "right")
+    for r in report.targets:
+        for t in r.timings:
+            latency.add_row(r.label, r.backend, str(t.batch), f"{t.median_ms:.2f}", f"{t.p90_ms:.2f}",
+                            f"{t.throughput:.1f}", f"{t.speedup:.2f}x" if t.speedup else "-")
+        for b, why in r.skipped.items():
+            latency.add_row(r.label, r.backend, b, "-", "-", "-", f"skipped: {why}")
+    out.print(latency)
+
 
 
 @app.command()
@@ -571,7 +746,7 @@ def main(argv: list[str] | None = None) -> None:
     except RepconvError as exc:
         if debug:
             traceback.print_exc()
-        err.print(f"[red]error:[/] {exc}", soft_wrap=True)
+        err.print(f"[red]error:[/] {escape(str(exc))}", soft_wrap=True)
         sys.exit(2)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
