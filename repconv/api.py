@@ -905,8 +905,6 @@ def _opener(path: Path, backend: str, device, arch, num_classes, trust_pickle, t
                                 num_classes=num_classes, trust_pickle=trust_pickle, threads=threads)
 
 
-
-
 # ---------------------------------------------------------------- see it (issue 5): demo, report
 
 

@@ -20,7 +20,8 @@ from torch import nn
 
 from repconv import api
 from repconv.errors import InputFileError, OutputError, VerificationError
-from repconv.report import RUN_FILE, Parity, PlanRow, RunRecord, Stage, machine_info, write_report
+from repconv.report import RUN_FILE, Parity, PlanRow, RunRecord, Stage, write_report
+from repconv.runtime.bench import machine_info
 
 DATA = "digits"
 
@@ -297,7 +298,7 @@ def run_demo(out: str | Path = "repconv-demo", *, quick: bool = False, progress:
     torch.manual_seed(0)
     start = time.perf_counter()
     run = RunRecord(title=f"repconv demo: {cfg.arch} on digits{' (quick)' if quick else ''}",
-                    machine=machine_info())
+                    machine=machine_info("cpu"))
     step = _Steps(12 - ("bench" in missing), say)
 
     original = _original(run, out, cfg, step, progress)

@@ -14,7 +14,6 @@ import html
 import io
 import json
 import os
-import platform
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -142,30 +141,6 @@ def read_run(run_dir: str | os.PathLike) -> RunRecord:
         return RunRecord.from_dict(data)
     except (TypeError, AttributeError) as exc:
         raise InputFileError(f"'{path}' does not follow the run format ({exc})", "see docs/report.md") from exc
-
-
-def machine_info(threads: int | None = None) -> dict[str, Any]:
-    """CPU, threads and library versions: what a reader needs to judge a timing."""
-    import numpy
-    import onnx
-    import onnxruntime
-    import torch
-    import torchvision
-
-    return {"cpu": _cpu_model(), "cores": os.cpu_count(), "torch_threads": threads or torch.get_num_threads(),
-            "platform": platform.platform(), "python": platform.python_version(), "repconv": __version__,
-            "torch": torch.__version__, "torchvision": torchvision.__version__, "onnx": onnx.__version__,
-            "onnxruntime": onnxruntime.__version__, "numpy": numpy.__version__}
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 # ---------------------------------------------------------------- bench results
@@ -451,7 +426,8 @@ def render_html(run: RunRecord) -> str:
         _bench_section(run),
         f"<h2 id=\"notes\">Notes</h2><ul class=\"notes\">{notes}{stage_notes}</ul>" if notes or stage_notes else "",
         f"<h2 id=\"machine\">Machine</h2><p class=\"muted\">{_e(_machine_line(run.machine))}; "
-        f"{_e(run.machine.get('platform', ''))}; repconv {_e(run.machine.get('repconv', __version__))}</p>",
+        f"{_e(run.machine.get('platform', ''))}; repconv "
+        f"{_e(run.machine.get('versions', {}).get('repconv', __version__))}</p>",
     ]
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             f"<title>{_e(run.title)}</title><style>{_CSS}</style></head><body>\n"

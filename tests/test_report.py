@@ -25,10 +25,10 @@ from repconv.report import (
     RunRecord,
     Stage,
     bench_rows,
-    machine_info,
     read_run,
     write_report,
 )
+from repconv.runtime.bench import machine_info
 from tests.conftest import accuracy
 
 
@@ -59,7 +59,7 @@ def run_dir(tmp_path_factory, digits_checkpoint) -> Path:
     round_trip = repconv.api.check_round_trip(conv, conv.output)
     x = example_input((3, 32, 32))
     run = RunRecord(title="test run", data={"name": "digits", "split": "val", "images": 359,
-                                            "input_size": [3, 32, 32]}, machine=machine_info())
+                                            "input_size": [3, 32, 32]}, machine=machine_info("cpu"))
     run.add(Stage("original", "model", None, original_path.name, original_path.stat().st_size, accuracy(original),
                   count_params(original), count_params(original), count_flops(original, x) // 2))
     s = conv.summary
@@ -72,7 +72,7 @@ def run_dir(tmp_path_factory, digits_checkpoint) -> Path:
                 "timings": [_timings(model, batch) for batch in (1, 4)]}
                for label, model in (("original.repconv.safetensors", original),
                                     ("replacement.repconv.safetensors", conv.model))]
-    run.bench = {"machine": machine_info(), "targets": targets}
+    run.bench = {"machine": machine_info("cpu"), "targets": targets}
     run.save(out)
     return out
 
