@@ -700,7 +700,7 @@ def _render_stages(stages: list[dict], latency: dict[str, float] | None, title: 
     if latency is not None:
         cols.append("latency b1 (ms)")
     for col in cols:
-        table.add_column(col, justify="left" if col == "stage" else "right")
+        table.add_column(col, justify="left" if col == "stage" else "right", no_wrap=col == "stage")
     for s in stages:
         row = [s["name"], "-" if s["val_acc"] is None else f"{100 * s['val_acc']:.2f}%",
                "-" if s["params"] is None else human(s["params"]),
@@ -731,7 +731,7 @@ def demo(out_dir: Annotated[Path, typer.Option("--out", help="folder for the art
     _render_stages(summary["stages"], result.latency_b1(), summary["title"])
     if result.missing:
         err.print(f"[yellow]not run (missing from this build):[/] {', '.join(result.missing)}")
-    out.print(f"artifacts, run.json and report in {result.out}; open {result.report}")
+    out.print(f"artifacts, run.json and report in {result.out}; open {result.report}", soft_wrap=True)
 
 
 # ---------------------------------------------------------------- entry point

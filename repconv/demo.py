@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from repconv import api
+from repconv.convert.graph import count_flops, count_params, example_input
 from repconv.errors import InputFileError, OutputError, VerificationError
 from repconv.report import RUN_FILE, Parity, PlanRow, RunRecord, Stage, write_report
 from repconv.runtime.bench import machine_info
@@ -34,6 +35,9 @@ class DemoConfig:
     pf_finetune_epochs: int = 3
     finetune_train: str = "scalars"  # what the replacement model trains: scalars | norm | all
     finetune_batches: int | None = None  # batches per fine-tuning epoch (None: the whole training split)
+    # A basic block has two 3x3 convs and no 1x1 around them: replacing both (all targets) leaves a network of
+    # pools. As a bottleneck's 3x3 is replaced between its 1x1s, the first conv of each block becomes the pool.
+    pf_units: tuple[str, ...] = ("layer*.conv1",)
     bench_batches: tuple[int, ...] = (1, 16)
     bench_repeats: int = 30
     exporter: str = "dynamo"
@@ -111,6 +115,10 @@ def _onnx_accuracy(path: Path, val_set) -> float:
     return float((torch.from_numpy(logits).argmax(1) == y).float().mean())
 
 
+def _macs(model: nn.Module, meta) -> int:
+    return count_flops(model, example_input(meta.input_size, batch=1)) // 2
+
+
 def _size(path: Path | None) -> int | None:
     return path.stat().st_size if path is not None and path.exists() else None
 
@@ -146,11 +154,9 @@ def _original(run: RunRecord, out: Path, cfg: DemoConfig, step, progress: bool) 
             loaded = api.load_checkpoint(path)
             acc = _torch_accuracy(loaded.model, _val_set(loaded.meta))
         note = [f"trained from scratch for {trained.epochs} epochs; final train loss {trained.train_loss:.4f}"]
-    from repconv.convert.graph import count_flops, count_params, example_input
-
     params = count_params(loaded.model)
     run.add(Stage("original", "model", None, _rel(out, path), _size(path), acc, params, params,
-                  count_flops(loaded.model, example_input(loaded.meta.input_size)) // 2, [], t["seconds"], note))
+                  _macs(loaded.model, loaded.meta), [], t["seconds"], note))
     return path
 
 
@@ -202,15 +208,13 @@ def _fold(run: RunRecord, out: Path, source: Path, name: str, step) -> Path:
     with step(f"folding {reference.name} into static weights") as t:
         res = api.fold(source, output=path)
         acc = _torch_accuracy(res.model, _val_set(res.meta))
-    from repconv.convert.graph import count_flops, count_params, example_input
-
     parity = [Parity(reference.name, res.parity.max_abs, res.parity.max_rel, None,
                      f"random inputs, batch {', '.join(map(str, res.parity.batch_sizes))}")]
     params = count_params(res.model)
     notes = [f"original architecture: {res.original_architecture}; folded units: {', '.join(res.folded_units)}",
              *res.warnings]
     run.add(Stage(name, "folded", reference.method, _rel(out, path), _size(path), acc, params, None,
-                  count_flops(res.model, example_input(res.meta.input_size)) // 2, parity, t["seconds"], notes))
+                  _macs(res.model, res.meta), parity, t["seconds"], notes))
     return path
 
 
@@ -250,7 +254,7 @@ def _export(run: RunRecord, out: Path, source: Path, name: str, dtype: str, cfg:
 def _plan_rows(finetuned: Path, pf_conversion) -> list[PlanRow]:
     from repconv.convert.replacement import replaced_units
 
-    rows = [PlanRow("replacement", unit, [s.prev, s.next], {"a": float(s.a), "b": float(s.b)})
+    rows = [PlanRow("replacement", unit, [s.prev, s.next], {"a": s.a.item(), "b": s.b.item()})
             for unit, s in replaced_units(api.load(finetuned)).items()]
     if pf_conversion is not None:
         from repconv.convert.parameter_free import describe_step
@@ -314,7 +318,8 @@ def run_demo(out: str | Path = "repconv-demo", *, quick: bool = False, progress:
     rep_onnx = _export(run, out, rep_folded, "replacement", "fp32", cfg, step, say)
     rep_int8 = _export(run, out, rep_folded, "replacement", "int8", cfg, step, say)
 
-    pf, pf_conv = _convert(run, out, original, "pf-hybrid", step, method="parameter-free", pf_policy="hybrid")
+    pf, pf_conv = _convert(run, out, original, "pf-hybrid", step, method="parameter-free", pf_policy="hybrid",
+                           pf_units=list(cfg.pf_units))
     pf = _finetune(run, out, pf, original, "pf-hybrid-finetuned", "parameter-free", "all", cfg.pf_finetune_epochs,
                    cfg, step, progress)
     pf_folded = _fold(run, out, pf, "pf-hybrid-folded", step)

@@ -57,7 +57,7 @@ def run_dir(tmp_path_factory, digits_checkpoint) -> Path:
     original = repconv.load(original_path)
     conv = repconv.convert(original_path, output=out / "replacement.repconv.safetensors")
     round_trip = repconv.api.check_round_trip(conv, conv.output)
-    x = example_input((3, 32, 32))
+    x = example_input((3, 32, 32), batch=1)
     run = RunRecord(title="test run", data={"name": "digits", "split": "val", "images": 359,
                                             "input_size": [3, 32, 32]}, machine=machine_info("cpu"))
     run.add(Stage("original", "model", None, original_path.name, original_path.stat().st_size, accuracy(original),
@@ -66,7 +66,7 @@ def run_dir(tmp_path_factory, digits_checkpoint) -> Path:
     run.add(Stage("replacement", "converted", "replacement", conv.output.name, conv.output.stat().st_size,
                   accuracy(conv.model), s.params_after, s.trainable_params, s.macs_after,
                   [Parity("in-memory conversion", round_trip, round_trip, None, "reloaded vs in memory")]))
-    run.plan = [PlanRow("replacement", u, [m.prev, m.next], {"a": float(m.a), "b": float(m.b)})
+    run.plan = [PlanRow("replacement", u, [m.prev, m.next], {"a": m.a.item(), "b": m.b.item()})
                 for u, m in replaced_units(conv.model).items()]
     targets = [{"label": label, "path": str(out / label), "backend": "torch",
                 "timings": [_timings(model, batch) for batch in (1, 4)]}
