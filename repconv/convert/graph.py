@@ -131,6 +131,19 @@ def propagate_shapes(gm: fx.GraphModule, example: torch.Tensor) -> fx.GraphModul
     return gm
 
 
+def module_output_shapes(gm: fx.GraphModule, paths: Iterable[str]) -> dict[str, tuple[int, ...]]:
+    """The output shape of each module path, read from the last node inside it (after propagate_shapes)."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for node in gm.graph.nodes:
+        meta = node.meta.get("tensor_meta")
+        if node.op != "call_module" or meta is None or not hasattr(meta, "shape"):
+            continue
+        for path in paths:
+            if node.target == path or node.target.startswith(path + "."):
+                shapes[path] = tuple(meta.shape)
+    return shapes
+
+
 # ---------------------------------------------------------------- repeated units
 
 

@@ -146,6 +146,16 @@ def list_models() -> dict[str, list[str]]:
     return out
 
 
+def build_on_meta(spec: ArchSpec, **kwargs) -> nn.Module | None:
+    """The architecture on the meta device (no memory, no init), or None when its builder needs real
+    tensors (regnet computes its widths with tensor ops, for one)."""
+    try:
+        with torch.device("meta"):
+            return spec.build(**kwargs)
+    except (NotImplementedError, RuntimeError):
+        return None
+
+
 def default_num_classes(spec: ArchSpec) -> int:
     try:
         param = inspect.signature(spec.builder).parameters.get("num_classes")
@@ -162,8 +172,7 @@ def classifier_keys(spec: ArchSpec) -> list[str]:
     Built on the meta device, so this costs no memory and no initialisation time.
     """
     n = default_num_classes(spec)
-    with torch.device("meta"):
-        model = spec.build()
+    model = build_on_meta(spec) or spec.build()
     keys = []
     for key, p in reversed(list(model.named_parameters())):
         if p.ndim == 0 or p.shape[0] != n:

@@ -1,0 +1,169 @@
+import os
+import pickle
+import zipfile
+
+import pytest
+import torch
+import torchvision
+
+import repconv
+from repconv.checkpoint import CheckpointMeta, load, save
+from repconv.errors import ArchError, InputFileError
+from repconv.models import resolve_arch
+
+
+@pytest.fixture(scope="module")
+def r18_sd():
+    torch.manual_seed(0)
+    return torchvision.models.resnet18(num_classes=10).state_dict()
+
+
+def same_weights(model, sd):
+    own = model.state_dict()
+    return set(own) == set(sd) and all(torch.equal(own[k], sd[k]) for k in sd)
+
+
+@pytest.mark.parametrize("wrap", ["bare", "state_dict", "model", "ddp"])
+def test_torch_save_state_dict_variants(tmp_path, r18_sd, wrap):
+    obj = {"bare": r18_sd, "state_dict": {"state_dict": r18_sd, "epoch": 3},
+           "model": {"model": r18_sd, "optimizer": {}},
+           "ddp": {f"module.{k}": v for k, v in r18_sd.items()}}[wrap]
+    path = tmp_path / "m.pt"
+    torch.save(obj, path)
+    loaded = load(path, arch="resnet18")
+    assert same_weights(loaded.model, r18_sd)
+    assert loaded.meta.arch == "torchvision:resnet18"
+    assert loaded.meta.arch_kwargs == {"num_classes": 10}  # inferred from the classifier weights
+
+
+def test_safetensors_and_prefixes(tmp_path, r18_sd):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "m.safetensors"
+    save_file({k: v.contiguous() for k, v in r18_sd.items()}, str(path))
+    assert same_weights(load(path, arch="torchvision:resnet18").model, r18_sd)
+    with pytest.raises(ArchError, match="timm"):
+        load(path, arch="timm:no_such_model_xyz")
+
+
+def test_repconv_container_round_trip(tmp_path):
+    torch.manual_seed(0)
+    spec = resolve_arch("cifar_resnet8")
+    model = spec.build(num_classes=7)
+    path = save(tmp_path / "c.repconv.safetensors", model, CheckpointMeta.for_arch(spec, {"num_classes": 7}))
+    loaded = load(path)  # no --arch needed
+    assert loaded.meta.arch == "repconv:cifar_resnet8" and loaded.meta.input_size == (3, 32, 32)
+    assert same_weights(loaded.model, model.state_dict())
+    assert not list(tmp_path.glob("*.part"))
+
+
+def test_num_classes_override_must_fit(tmp_path, r18_sd):
+    path = tmp_path / "m.pt"
+    torch.save(r18_sd, path)
+    with pytest.raises(ArchError, match=r"wrong shape: fc.weight \(10, 512\) vs \(5, 512\)"):
+        load(path, arch="resnet18", num_classes=5)
+
+
+def test_other_architecture_is_a_readable_error(tmp_path, r18_sd):
+    path = tmp_path / "m.pt"
+    torch.save(r18_sd, path)
+    with pytest.raises(ArchError) as info:
+        load(path, arch="resnet34")
+    msg = str(info.value)
+    assert "do not fit torchvision:resnet34" in msg and "missing" in msg and "check --arch" in msg
+    assert "\n" not in msg
+
+
+def test_unknown_arch(tmp_path, r18_sd):
+    path = tmp_path / "m.pt"
+    torch.save(r18_sd, path)
+    with pytest.raises(ArchError, match="unknown architecture 'resnet_nine'"):
+        load(path, arch="resnet_nine")
+
+
+def test_weights_without_arch(tmp_path, r18_sd):
+    path = tmp_path / "m.pt"
+    torch.save(r18_sd, path)
+    with pytest.raises(ArchError, match="pass --arch"):
+        load(path)
+
+
+@pytest.mark.parametrize("case", ["missing", "empty", "truncated", "text", "folder"])
+def test_broken_files(tmp_path, r18_sd, case):
+    path = tmp_path / "m.pt"
+    if case == "empty":
+        path.write_bytes(b"")
+    elif case == "truncated":
+        torch.save(r18_sd, path)
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+    elif case == "text":
+        path.write_text("these are not the weights you are looking for\n")
+    elif case == "folder":
+        path.mkdir()
+    expected = {"missing": "does not exist", "empty": "is empty", "truncated": "truncated or corrupt",
+                "text": "not a PyTorch checkpoint", "folder": "is a folder"}[case]
+    with pytest.raises(InputFileError, match=expected):
+        load(path, arch="resnet18")
+
+
+def test_truncated_safetensors(tmp_path, r18_sd):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "m.safetensors"
+    save_file({k: v.contiguous() for k, v in r18_sd.items()}, str(path))
+    path.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(InputFileError, match="not a readable safetensors file"):
+        load(path, arch="resnet18")
+
+
+class _Evil:
+    """Pickles to a call of os.system: loading it must never run it."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_malicious_pickle_never_runs(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pt"
+    torch.save({"state_dict": _Evil(marker)}, path)
+    with pytest.raises(InputFileError, match="--trust-pickle"):
+        load(path, arch="resnet18")
+    assert not marker.exists()
+
+
+def test_pickled_module_needs_trust(tmp_path):
+    model = torchvision.models.resnet18(num_classes=3)
+    path = tmp_path / "whole.pt"
+    torch.save(model, path)
+    with pytest.raises(InputFileError, match=r"pickled Python object.*--trust-pickle"):
+        load(path)
+    trusted = load(path, trust_pickle=True)
+    assert same_weights(trusted.model, model.state_dict())
+    assert same_weights(load(path, arch="resnet18", trust_pickle=True).model, model.state_dict())
+
+
+def test_torchscript_archive(tmp_path):
+    path = tmp_path / "scripted.pt"
+    torch.jit.script(torch.nn.Linear(2, 2)).save(str(path))
+    assert zipfile.is_zipfile(path)
+    with pytest.raises(InputFileError, match="TorchScript archive"):
+        load(path, arch="resnet18")
+
+
+def test_plain_pickle_file(tmp_path):
+    path = tmp_path / "list.pkl"
+    path.write_bytes(pickle.dumps([1, 2, 3]))
+    with pytest.raises(InputFileError):
+        load(path, arch="resnet18")
+
+
+def test_api_load_returns_module(tmp_path, r18_sd):
+    path = tmp_path / "m.pt"
+    torch.save(r18_sd, path)
+    model = repconv.load(path, arch="resnet18")
+    assert isinstance(model, torch.nn.Module) and same_weights(model, r18_sd)
