@@ -574,13 +574,13 @@ class TrainResult:
 
 def folded_replacement(model: nn.Module, meta: CheckpointMeta) -> nn.Module:
     """A replacement-only converted model as its original architecture: a*P_prev + b*P_next become weights."""
-    from repconv.checkpoint import fit_state_dict
+    from repconv.checkpoint import build_empty, fit_state_dict
     from repconv.convert.replacement import scalar_names, synthesized_state
     from repconv.models import resolve_arch
 
     scalars = set(scalar_names(model))
     state = {k: v for k, v in model.state_dict().items() if k not in scalars} | synthesized_state(model)
-    plain = resolve_arch(meta.arch).build(**meta.arch_kwargs)
+    plain = build_empty(resolve_arch(meta.arch), **meta.arch_kwargs)
     fit_state_dict(plain, state, meta.arch, None)
     return plain.eval()
 
