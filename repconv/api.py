@@ -10,14 +10,23 @@ import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from repconv.checkpoint import CheckpointMeta, Loaded
+from repconv.checkpoint import CheckpointMeta, Loaded, build_from_meta, fit_state_dict, save_state_dict
 from repconv.checkpoint import load as _load_checkpoint
 from repconv.checkpoint import save as _save
 from repconv.convert.apply import apply_plan
+from repconv.convert.fold import (
+    FusionReport,
+    Parity,
+    compare,
+    folded_state_dict,
+    fuse_conv_bn,
+    has_trivial_bn_statistics,
+)
 from repconv.convert.graph import (
     Run,
     count_flops,
@@ -30,28 +39,56 @@ from repconv.convert.graph import (
 )
 from repconv.convert.plan import Plan
 from repconv.convert.replacement import replaced_units, select_units
-from repconv.errors import NothingToReplace, PlanError
+from repconv.errors import ArchError, NothingToReplace, OutputError, PlanError, VerificationError
+from repconv.export.onnx import ExportResult, check_options, export_onnx
+from repconv.export.tensorrt import EngineBuild, EngineOptions
+from repconv.runtime.bench import BenchOptions, BenchReport, Target
+from repconv.runtime.predict import PredictResult
+from repconv.runtime.session import Session, artifact_backend, open_session
+
+if TYPE_CHECKING:
+    from repconv import demo as demo_module
 
 __all__ = [
+    "BenchOptions",
+    "BenchReport",
     "CalibrationResult",
     "Conversion",
     "ConversionSummary",
+    "EngineBuild",
+    "EngineOptions",
+    "EnginePlan",
+    "ExportResult",
     "FinetuneResult",
+    "FoldResult",
+    "PredictResult",
+    "ReportResult",
+    "Session",
     "TrainResult",
+    "bench",
+    "build_engine",
     "calibrate",
     "convert",
+    "demo",
+    "engine_plan",
+    "export",
     "finetune",
+    "fold",
     "inspect",
     "load",
     "load_checkpoint",
     "measured_units",
+    "open_session",
     "parameter_free_report",
+    "predict",
+    "report",
     "save",
     "summarize",
     "train",
 ]
 
 METHODS = ("replacement", "parameter-free", "both")
+FOLD_TOLERANCE = 1e-5  # max |converted - folded| / max |converted|
 
 ModelLike = str | os.PathLike | nn.Module | Loaded
 
@@ -573,16 +610,8 @@ class TrainResult:
 
 
 def folded_replacement(model: nn.Module, meta: CheckpointMeta) -> nn.Module:
-    """A replacement-only converted model as its original architecture: a*P_prev + b*P_next become weights."""
-    from repconv.checkpoint import build_empty, fit_state_dict
-    from repconv.convert.replacement import scalar_names, synthesized_state
-    from repconv.models import resolve_arch
-
-    scalars = set(scalar_names(model))
-    state = {k: v for k, v in model.state_dict().items() if k not in scalars} | synthesized_state(model)
-    plain = build_empty(resolve_arch(meta.arch), **meta.arch_kwargs)
-    fit_state_dict(plain, state, meta.arch, None)
-    return plain.eval()
+    """A replacement-only converted model as its original architecture (see :func:`fold`)."""
+    return fold(Loaded(model, meta)).model
 
 
 def train(arch: str, *, data: str | os.PathLike, output: str | os.PathLike, replace: bool = True,
@@ -626,3 +655,295 @@ def train(arch: str, *, data: str | os.PathLike, output: str | os.PathLike, repl
     return TrainResult(arch_spec.name, "model", units, cfg.epochs, count_params(model),
                        res.trainable_params, res.val_acc, res.train_loss, res.history, res.resumed_from_epoch,
                        res.world_size, res.ranks_in_sync, dist_env()[0], out, state, metrics)
+# ---------------------------------------------------------------- deploy (issue 4): fold, export
+
+
+@dataclass
+class FoldResult:
+    model: nn.Module  # plain module: the original architecture for a replacement-only plan
+    meta: CheckpointMeta  # kind == "folded"
+    folded_units: list[str]
+    parity: Parity  # converted vs folded on the check batch
+    original_architecture: bool  # the state_dict loads strictly into the original model class
+    fusion: FusionReport | None = None
+    warnings: list[str] = field(default_factory=list)
+    output: Path | None = None
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """``.safetensors`` (state_dict + repconv header) or ``.pt`` (plain state_dict, original architecture only)."""
+        path = Path(path)
+        if path.suffix in (".pt", ".pth"):
+            if not self.original_architecture:
+                raise OutputError(f"'{path}': this folded model is not the plain original architecture (fused BN "
+                                  "or parameter-free steps), so it needs repconv's container",
+                                  "name the output *.safetensors")
+            self.output = save_state_dict(path, self.model.state_dict())
+        else:
+            self.output = _save(path, self.model, self.meta)
+        return self.output
+
+    def to_dict(self) -> dict:
+        return {"arch": self.meta.arch, "folded_units": self.folded_units, "parity": self.parity.to_dict(),
+                "original_architecture": self.original_architecture,
+                "fusion": self.fusion.to_dict() if self.fusion else None, "warnings": self.warnings,
+                "output": str(self.output) if self.output else None}
+
+
+def _as_loaded(model: ModelLike | Conversion, **load_options) -> Loaded:
+    if isinstance(model, Conversion):
+        return Loaded(model.model, model.meta)
+    return load_checkpoint(model, **load_options)
+
+
+def fold(model: ModelLike | Conversion, *, output: str | os.PathLike | None = None, fuse_bn: bool = False,
+         tolerance: float = FOLD_TOLERANCE, arch: str | None = None, num_classes: int | None = None,
+         trust_pickle: bool = False) -> FoldResult:
+    """Evaluate every replaced unit's ``a * P_prev + b * P_next`` once into ordinary weights.
+
+    The folded model is checked against the converted one on a check batch (eval mode); a relative
+    difference above ``tolerance`` raises VerificationError and nothing is written.
+    """
+    loaded = _as_loaded(model, arch=arch, num_classes=num_classes, trust_pickle=trust_pickle)
+    converted = loaded.model.eval()
+    meta = copy.deepcopy(loaded.meta)
+    units = list(replaced_units(converted))
+    plan = meta.plan
+    meta.kind = "folded"
+    if plan is not None and plan.steps:
+        meta.extra.setdefault("plan_digest", plan.digest())
+        meta.plan = plan.without_replacement()
+    meta.extra["folded_units"] = units
+    if units or (plan is not None and plan.steps):
+        if meta.arch is None:
+            raise ArchError("cannot fold a converted model whose architecture is unknown",
+                            "load it from its repconv file, or pass arch=")
+        folded = build_from_meta(CheckpointMeta(arch=meta.arch, arch_kwargs=meta.arch_kwargs, plan=meta.plan))
+        fit_state_dict(folded, folded_state_dict(converted), meta.arch, loaded.path)
+    else:
+        folded = copy.deepcopy(converted)
+    folded.eval()
+    fusion = None
+    if fuse_bn:
+        folded, fusion = fuse_conv_bn(folded, plan.leaves if plan else ())
+        meta.extra["fused_bn"] = True
+    notes = []
+    if has_trivial_bn_statistics(converted):
+        notes.append("every BatchNorm still has its initial statistics (mean 0, var 1): the parity check "
+                     "cannot see BN-folding mistakes on this model")
+    parity = compare(converted, folded, [example_input(meta.input_size, batch=2, seed=1)])
+    if parity.max_rel > tolerance:
+        raise VerificationError(f"the folded model differs from the converted one by {parity.max_abs:.3g} "
+                                f"(relative {parity.max_rel:.3g} > {tolerance:g}); nothing was written",
+                                "report this with the model and plan (repconv --debug fold ...)")
+    original = not meta.plan.steps if meta.plan else True
+    result = FoldResult(folded, meta, units, parity, original and not fuse_bn, fusion, notes)
+    if output is not None:
+        result.save(output)
+    return result
+
+
+def export(model: ModelLike | Conversion, output: str | os.PathLike, *, format: str = "onnx",
+           arch: str | None = None, num_classes: int | None = None, trust_pickle: bool = False,
+           **options) -> ExportResult:
+    """Export a checkpoint (path, module, Loaded or Conversion) as a verified ONNX file.
+
+    A converted model is folded first (its fold parity is checked as in :func:`fold`). ``options`` are
+    those of :func:`repconv.export.onnx.export_onnx` (dtype, opset, dynamic_batch, exporter, calib, ...).
+    """
+    if format != "onnx":
+        raise PlanError(f"unknown export format '{format}'", "use --format onnx")
+    check_options(output, **options)  # fail fast, before loading and folding
+    loaded = _as_loaded(model, arch=arch, num_classes=num_classes, trust_pickle=trust_pickle)
+    if replaced_units(loaded.model) or loaded.meta.kind == "converted":
+        folded = fold(loaded)
+        loaded = Loaded(folded.model, folded.meta, loaded.path)
+    return export_onnx(loaded.model, output, meta=loaded.meta, **options)
+# ---------------------------------------------------------------- runtime (issue 4 parts 4-5, issue 5 part 1)
+# TensorRT engines, the Session interface, predict, bench.
+
+
+
+def predict(artifact: str | os.PathLike, images: Sequence[str | os.PathLike], *, top_k: int = 5,
+            backend: str | None = None, device: str | None = None, arch: str | None = None,
+            num_classes: int | None = None, trust_pickle: bool = False, batch_size: int = 32) -> PredictResult:
+    """Top-k classes for image files (or folders of them) with any checkpoint, ONNX file or engine."""
+    from repconv.runtime.predict import predict_images
+
+    with open_session(artifact, backend, device, arch=arch, num_classes=num_classes,
+                      trust_pickle=trust_pickle) as session:
+        return predict_images(session, images, top_k=top_k, batch_size=batch_size)
+
+
+@dataclass
+class EnginePlan:
+    """What a TensorRT build of ``source`` would do: shapes, and the equivalent trtexec command."""
+
+    source: Path
+    onnx: Path
+    engine: Path
+    shapes: dict[str, dict[str, list[int]]]
+    dynamic: bool
+    trtexec: list[str]
+    onnx_first: list[str] | None = None  # the repconv command that writes the ONNX, when source is a checkpoint
+
+    def to_dict(self) -> dict:
+        from repconv.export.tensorrt import format_command
+
+        return {"source": str(self.source), "onnx": str(self.onnx), "engine": str(self.engine),
+                "shapes": self.shapes, "dynamic": self.dynamic, "trtexec": self.trtexec,
+                "command": format_command(self.trtexec),
+                "onnx_first": format_command(self.onnx_first) if self.onnx_first else None}
+
+
+def engine_plan(source: str | os.PathLike, output: str | os.PathLike, options: EngineOptions | None = None, *,
+                dtype: str = "fp32", arch: str | None = None, num_classes: int | None = None,
+                trust_pickle: bool = False) -> EnginePlan:
+    """The engine build for ``source`` (an ONNX file, or a checkpoint to export first) without TensorRT."""
+    from repconv.export.tensorrt import profile_shapes, read_onnx, trtexec_command
+    from repconv.runtime.metadata import ArtifactInfo
+
+    options = options or EngineOptions()
+    options.validate()
+    source, output = Path(source), Path(output)
+    if artifact_backend(source) == "ort":
+        graph = read_onnx(source)
+        shapes, dynamic, onnx_path, first = profile_shapes(graph, options), any(s.dynamic for s in graph.inputs), \
+            source, None
+    else:
+        loaded = load_checkpoint(source, arch=arch, num_classes=num_classes, trust_pickle=trust_pickle)
+        size = list(ArtifactInfo.from_checkpoint(loaded.meta).input_size)
+        shapes = {"input": {"min": [options.min_batch, *size], "opt": [options.opt_batch, *size],
+                            "max": [options.max_batch, *size]}}
+        dynamic, onnx_path = True, output.with_suffix(".onnx")
+        first = ["repconv", "export", str(source), "--format", "onnx", "--dtype", dtype, "-o", str(onnx_path)]
+        if arch:
+            first[3:3] = ["--arch", arch]
+    return EnginePlan(source, onnx_path, output, shapes, dynamic,
+                      trtexec_command(onnx_path, output, shapes, options, dynamic), first)
+
+
+def build_engine(source: str | os.PathLike, output: str | os.PathLike, options: EngineOptions | None = None
+                 ) -> EngineBuild:
+    """Build a TensorRT engine (+ JSON sidecar) from an ONNX file and verify it against ONNX Runtime.
+
+    Needs TensorRT and an NVIDIA GPU; without them a DependencyError says how to get them.
+    """
+    from repconv.errors import InputFileError
+    from repconv.export.tensorrt import build_engine as _build
+    from repconv.runtime.tensorrt import require_tensorrt
+
+    require_tensorrt("building a TensorRT engine")
+    if artifact_backend(source) != "ort":
+        raise InputFileError(f"'{source}' is not an ONNX file; engines are built from the exported ONNX",
+                             f"run `repconv export {source} --format onnx -o MODEL.onnx` first, then "
+                             "`repconv export MODEL.onnx --format engine -o MODEL.engine`")
+    return _build(source, output, options)
+
+
+def bench(artifacts: Sequence[str | os.PathLike], *, batches: Sequence[int] = (1, 8, 32), size: int | None = None,
+          backends: Sequence[str] | None = None, device: str | None = None, warmup: int = 3, repeats: int = 20,
+          max_seconds: float = 10.0, threads: int | None = None, arch: str | None = None,
+          num_classes: int | None = None, trust_pickle: bool = False, json_out: str | os.PathLike | None = None,
+          plot: str | os.PathLike | None = None, progress=None) -> BenchReport:
+    """Measure artifacts side by side in this process; the first one is the baseline of every ratio.
+
+    Each artifact runs on every backend in ``backends`` that can run it (torch: checkpoints; ort: ONNX;
+    trt: engines, and ONNX files through a temporary engine when TensorRT is present); by default on
+    its own backend. ``json_out`` / ``plot`` are written at the end (checked for writability first).
+    """
+    import json
+
+    from repconv.checkpoint import check_output_path, write_text_atomic
+    from repconv.errors import OptionError
+    from repconv.runtime.bench import plot_report
+    from repconv.runtime.session import BACKENDS
+
+    options = BenchOptions(tuple(batches), size, warmup, repeats, max_seconds, device, threads)
+    options.validate()
+    if not artifacts:
+        raise OptionError("no artifact to bench", "give one or more checkpoints, .onnx files or .engine files")
+    for target in (json_out, plot):
+        if target is not None:
+            check_output_path(target)
+    if plot is not None and Path(plot).suffix.lower() not in (".png", ".svg", ".pdf"):
+        raise OptionError(f"--plot '{plot}' has no image suffix", "end it with .png, .svg or .pdf")
+    unknown = [b for b in backends or () if b not in BACKENDS]
+    if unknown:
+        raise OptionError(f"unknown backend {', '.join(unknown)}", f"choose from {','.join(BACKENDS)}")
+    previous_threads = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        report = _bench_targets(artifacts, options, backends, device, arch, num_classes, trust_pickle, threads,
+                                progress)
+    finally:
+        torch.set_num_threads(previous_threads)
+    if json_out is not None:
+        write_text_atomic(json_out, json.dumps(report.to_dict(), indent=2) + "\n")
+    if plot is not None:
+        plot_report(report, Path(plot))
+    return report
+
+
+def _bench_targets(artifacts, options, backends, device, arch, num_classes, trust_pickle, threads, progress
+                   ) -> BenchReport:
+    import tempfile
+
+    from repconv.errors import InputFileError, OptionError
+    from repconv.runtime.bench import run_bench
+    from repconv.runtime.tensorrt import require_tensorrt
+
+    with tempfile.TemporaryDirectory(prefix="repconv-bench-") as scratch:
+        targets = []
+        for artifact in artifacts:
+            path = Path(artifact)
+            if not path.is_file():
+                raise InputFileError(f"'{path}' does not exist or is not a file", "check the artifact paths")
+            natural = artifact_backend(path)
+            chosen = [b for b in (backends or [natural]) if b == natural or (natural, b) == ("ort", "trt")]
+            if "trt" in chosen:  # refuse now, not after measuring the artifacts before this one
+                require_tensorrt(f"benchmarking '{path.name}' with TensorRT")
+            if not chosen:
+                raise OptionError(f"'{path}' runs on the {natural} backend, which --backend "
+                                  f"{','.join(backends)} leaves out", f"add {natural} to --backend")
+            for b in chosen:
+                run_path = path
+                if (natural, b) == ("ort", "trt"):
+                    run_path = build_engine(path, Path(scratch) / f"{path.stem}.engine").engine
+                targets.append(Target(path.name, run_path, b, _opener(run_path, b, device, arch, num_classes,
+                                                                      trust_pickle, threads)))
+        return run_bench(targets, options, progress)
+
+
+def _opener(path: Path, backend: str, device, arch, num_classes, trust_pickle, threads):
+    return lambda: open_session(path, backend if backend != "torch" else None, device, arch=arch,
+                                num_classes=num_classes, trust_pickle=trust_pickle, threads=threads)
+
+
+# ---------------------------------------------------------------- see it (issue 5): demo, report
+
+
+@dataclass
+class ReportResult:
+    path: Path
+    run_dir: Path
+    summary: dict
+
+    def to_dict(self) -> dict:
+        return {"report": str(self.path), "run_dir": str(self.run_dir), **self.summary}
+
+
+def report(run_dir: str | os.PathLike, output: str | os.PathLike | None = None) -> ReportResult:
+    """Render ``RUN_DIR/run.json`` as one self-contained HTML page (default ``RUN_DIR/report.html``)."""
+    from repconv.report import read_run, summarize_run, write_report
+
+    summary = summarize_run(read_run(run_dir))
+    return ReportResult(write_report(run_dir, output), Path(run_dir), summary)
+
+
+def demo(out: str | os.PathLike = "repconv-demo", *, quick: bool = False, progress: bool = True,
+         say=None) -> demo_module.DemoResult:
+    """The whole pipeline offline on the bundled digits data; artifacts, run.json and report.html in ``out``."""
+    from repconv.demo import run_demo
+
+    return run_demo(out, quick=quick, progress=progress, say=say)

@@ -16,6 +16,7 @@ from typing import Annotated, Any
 import click
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from repconv.errors import RepconvError
@@ -389,7 +390,352 @@ def train_(arch: Annotated[str, typer.Argument(help="architecture name (e.g. cif
 
 # ---------------------------------------------------------------- deploy (issue 4: fold, export, predict)
 
+
+def _render_fusion(fusion) -> None:
+    if fusion is None:
+        return
+    err.print(f"conv+BN fusion: {len(fusion.fused)} of {fusion.total} BatchNorms folded into a conv")
+    reasons: dict[str, list[str]] = {}
+    for item in fusion.unfused:
+        reasons.setdefault(item["reason"], []).append(item["bn"])
+    for reason, bns in reasons.items():
+        shown = ", ".join(bns[:3]) + (f", ... ({len(bns)} in all)" if len(bns) > 3 else "")
+        err.print(f"  left unfused ({len(bns)}): {reason}: {shown}", soft_wrap=True)
+
+
+@app.command()
+def fold(model: ModelArg,
+         output: Annotated[Path, typer.Option("-o", "--output", help="output file: .safetensors (default) or .pt")],
+         fuse_bn: Annotated[bool, typer.Option("--fuse-bn/--no-fuse-bn", help="also fuse conv + BatchNorm "
+                                               "pairs (the file then needs repconv to load)")] = False,
+         tolerance: Annotated[float, typer.Option("--tolerance", help="max relative difference converted vs "
+                                                  "folded")] = 1e-5,
+         arch: ArchOpt = None, num_classes: NumClassesOpt = None, trust_pickle: TrustOpt = False,
+         as_json: JsonOpt = False) -> None:
+    """Evaluate the replaced units' a*P_prev + b*P_next once into ordinary weights."""
+    from repconv import api
+
+    with err.status("folding"):
+        result = api.fold(model, output=output, fuse_bn=fuse_bn, tolerance=tolerance, arch=arch,
+                          num_classes=num_classes, trust_pickle=trust_pickle)
+    if as_json:
+        emit_json(result.to_dict())
+        return
+    table = Table(title=f"{result.meta.arch}: folded -> {output}", title_justify="left")
+    table.add_column("")
+    table.add_column("value", justify="right")
+    table.add_row("folded units", str(len(result.folded_units)))
+    table.add_row("max abs difference (converted vs folded)", f"{result.parity.max_abs:.3g}")
+    table.add_row("max relative difference", f"{result.parity.max_rel:.3g}")
+    table.add_row("loads into the original model class", "yes" if result.original_architecture else "no")
+    out.print(table)
+    _render_fusion(result.fusion)
+    for note in result.warnings:
+        err.print(f"[yellow]warning:[/] {note}", soft_wrap=True)
+
+
+def _render_export(r) -> None:
+    checks = Table(title="Verification (onnxruntime, optimization level " + r.ort_level + ")", title_justify="left")
+    for col in ("stage", "against", "inputs", "batches", "max abs", "max rel", "top-1 agree", "required", "ok"):
+        checks.add_column(col, justify="right" if col.startswith(("max", "top")) else "left")
+    for c in r.checks:
+        agree = "-" if c.top1_agreement is None else f"{c.top1_agreement:.1%}"
+        checks.add_row(c.stage, c.reference, c.inputs, ",".join(map(str, c.batch_sizes)), f"{c.max_abs:.3g}",
+                       f"{c.max_rel:.3g}", agree, c.tolerance, "yes" if c.passed else "NO")
+    if r.checks:
+        out.print(checks)
+    ops = Table(title="ONNX ops (export -> written file)", title_justify="left")
+    for col in ("op", "export", "written"):
+        ops.add_column(col, justify="left" if col == "op" else "right")
+    for op in sorted(set(r.ops_before) | set(r.ops_after)):
+        ops.add_row(op, str(r.ops_before.get(op, 0)), str(r.ops_after.get(op, 0)))
+    ops.add_row("total", str(sum(r.ops_before.values())), str(sum(r.ops_after.values())))
+    out.print(ops)
+    batch = "dynamic" if r.dynamic_batch else r.metadata.get("repconv.batch_size", "?")
+    out.print(f"{r.path}: {human(r.file_size, 'B')}, {r.dtype}, opset {r.opset}, {r.exporter} exporter, batch {batch}")
+    _render_fusion(r.fusion)
+    for note in r.warnings:
+        err.print(f"[yellow]warning:[/] {note}", soft_wrap=True)
+
+# ---- runtime helper: `export --format engine` (TensorRT) and `predict`
+
+BackendOpt = Annotated[str | None, typer.Option("--backend", help="torch | ort | trt (default: what the file is)")]
+DeviceOpt = Annotated[str | None, typer.Option("--device", help="cpu | cuda (default: cuda when available)")]
+
+
+def _engine_options(min_batch, opt_batch, max_batch, workspace, timing_cache, opt_level, verify):
+    from repconv.api import EngineOptions
+
+    return EngineOptions(min_batch, opt_batch, max_batch, workspace, timing_cache, opt_level, verify)
+
+
+@app.command()
+def export(model: ModelArg,
+           output: Annotated[Path, typer.Option("-o", "--output", help="output file (.onnx)")],
+           fmt: Annotated[str, typer.Option("--format", help="onnx | engine (TensorRT, built from an ONNX file)")]
+           = "onnx",
+           dtype: Annotated[str, typer.Option("--dtype", help="fp32 | fp16 | int8")] = "fp32",
+           opset: Annotated[int | None, typer.Option("--opset", help="default: the newest both onnxruntime and "
+                                                     "the exporter support")] = None,
+           static: Annotated[bool, typer.Option("--static", help="fixed batch (--batch-size) instead of a "
+                                                "dynamic one")] = False,
+           batch_size: Annotated[int, typer.Option("--batch-size", help="the batch of a --static export")] = 1,
+           exporter: Annotated[str, typer.Option("--exporter", help="dynamo (torch.export) | legacy "
+                                                 "(TorchScript)")] = "dynamo",
+           simplify: Annotated[bool, typer.Option("--simplify/--no-simplify", help="onnxslim graph "
+                                                  "simplification")] = True,
+           verify: Annotated[bool, typer.Option("--verify/--no-verify", help="compare onnxruntime with PyTorch "
+                                                "(and fp16/int8 with fp32); fail above tolerance")] = True,
+           fuse_bn: Annotated[bool, typer.Option("--fuse-bn/--no-fuse-bn", help="fuse conv + BN before "
+                                                 "export")] = True,
+           calib: Annotated[str | None, typer.Option("--calib", help="int8 calibration images: digits or an "
+                                                     "image folder")] = None,
+           calib_size: Annotated[int, typer.Option("--calib-size", help="calibration images to use")] = 256,
+           check_images: Annotated[str | None, typer.Option("--check-images", help="real images the fp16/int8 "
+                                                            "graph is checked on (default: --calib)")] = None,
+           min_agreement: Annotated[float | None, typer.Option("--min-agreement", help="required top-1 "
+                                                               "agreement with fp32 (fp16 0.99, int8 0.98)")] = None,
+           ort_level: Annotated[str, typer.Option("--ort-level", help="onnxruntime optimization level used "
+                                                  "for checks: disable | basic | extended | all")] = "all",
+           min_batch: Annotated[int, typer.Option("--min-batch", help="engine profile: smallest batch")] = 1,
+           opt_batch: Annotated[int, typer.Option("--opt-batch", help="engine profile: batch tuned for")] = 8,
+           max_batch: Annotated[int, typer.Option("--max-batch", help="engine profile: largest batch")] = 32,
+           workspace: Annotated[int, typer.Option("--workspace", help="engine builder workspace limit, MiB")] = 1024,
+           timing_cache: Annotated[Path | None, typer.Option("--timing-cache", help="TensorRT timing cache file "
+                                                             "(read if present, written after the build)")] = None,
+           opt_level: Annotated[int, typer.Option("--opt-level", help="TensorRT builder optimization level "
+                                                  "0..5")] = 3,
+           print_trtexec: Annotated[bool, typer.Option("--print-trtexec", help="print the equivalent trtexec "
+                                                       "command line instead of building")] = False,
+           arch: ArchOpt = None, num_classes: NumClassesOpt = None, trust_pickle: TrustOpt = False,
+           as_json: JsonOpt = False) -> None:
+    """Export a folded (or converted: folded first) model as a verified ONNX file, or a TensorRT engine."""
+    from repconv import api
+
+    if fmt not in ("onnx", "engine"):
+        raise click.BadParameter(f"--format must be onnx or engine, not {fmt!r}")
+    if fmt == "engine":
+        options = _engine_options(min_batch, opt_batch, max_batch, workspace, timing_cache, opt_level, verify)
+        _export_engine(model, output, options, print_trtexec, dtype=dtype, arch=arch, num_classes=num_classes,
+                       trust_pickle=trust_pickle, as_json=as_json)
+        return
+    with err.status("exporting") as status:
+        result = api.export(model, output, arch=arch, num_classes=num_classes,
+                            trust_pickle=trust_pickle, dtype=dtype, opset=opset, dynamic_batch=not static,
+                            batch_size=batch_size, exporter=exporter, simplify=simplify, verify=verify,
+                            calib=calib, calib_size=calib_size, check_images=check_images, fuse_bn=fuse_bn,
+                            ort_level=ort_level, min_agreement=min_agreement, progress=status.update)
+    if as_json:
+        emit_json(result.to_dict())
+    else:
+        _render_export(result)
+
+
+def _export_engine(model: Path, output: Path, options, print_trtexec: bool, *, dtype: str, arch: str | None,
+                   num_classes: int | None, trust_pickle: bool, as_json: bool) -> None:
+    """`repconv export --format engine`: build (or, with --print-trtexec, describe) a TensorRT engine."""
+    from repconv import api
+
+    if print_trtexec:
+        plan = api.engine_plan(model, output, options, dtype=dtype, arch=arch, num_classes=num_classes,
+                               trust_pickle=trust_pickle)
+        if as_json:
+            emit_json(plan.to_dict())
+            return
+        if plan.onnx_first:
+            err.print(f"first write the ONNX: {plan.to_dict()['onnx_first']}", soft_wrap=True)
+        sys.stdout.write(plan.to_dict()["command"] + "\n")
+        return
+    build = api.build_engine(model, output, options)
+    if as_json:
+        emit_json(build.to_dict())
+        return
+    table = Table(title=f"TensorRT engine -> {build.engine}", title_justify="left")
+    table.add_column("")
+    table.add_column("value")
+    table.add_row("precision (from the ONNX)", build.dtype)
+    for name, s in build.shapes.items():
+        table.add_row(f"profile '{name}' min/opt/max", " / ".join("x".join(map(str, s[k])) for k in ("min", "opt",
+                                                                                                      "max")))
+    table.add_row("TensorRT / CUDA / GPU", f"{build.versions['tensorrt']} / {build.versions['cuda']} / "
+                  f"{build.versions['gpu']} (sm {build.versions['compute_capability']})")
+    table.add_row("engine size", human(build.size_bytes, "B"))
+    for key, fig in build.verification.items():
+        table.add_row(f"vs ONNX Runtime, {key.replace('_', ' ')}", f"max abs {fig['max_abs']:.2e} "
+                      f"({fig['max_rel']:.2%}), top-1 agreement {fig['top1_agreement']:.0%}")
+    out.print(table)
+
+
+@app.command()
+def predict(artifact: Annotated[Path, typer.Argument(help="checkpoint, .onnx or .engine")],
+            images: Annotated[list[Path], typer.Argument(help="image files or folders of images")],
+            top_k: Annotated[int, typer.Option("--top-k", help="classes shown per image")] = 5,
+            backend: BackendOpt = None, device: DeviceOpt = None, arch: ArchOpt = None,
+            num_classes: NumClassesOpt = None, trust_pickle: TrustOpt = False, as_json: JsonOpt = False) -> None:
+    """Top-k classes per image with any checkpoint, ONNX file or TensorRT engine."""
+    from repconv import api
+
+    result = api.predict(artifact, images, top_k=top_k, backend=backend, device=device, arch=arch,
+                         num_classes=num_classes, trust_pickle=trust_pickle)
+    for warning in result.warnings:
+        err.print(f"[yellow]warning:[/] {escape(warning)}", soft_wrap=True)
+    if as_json:
+        emit_json(result.to_dict())
+        return
+    k = max((len(p.top) for p in result.predictions), default=0)
+    table = Table(title=escape(f"{artifact.name} [{result.backend}, {result.device}]"), title_justify="left")
+    table.add_column("image", overflow="fold")
+    for rank in range(1, k + 1):
+        table.add_column(f"#{rank}")
+    for p in result.predictions:
+        table.add_row(p.path, *[f"{s.label if s.label is not None else s.index} ({s.probability:.3f})"
+                                for s in p.top])
+    out.print(table)
+
+
 # ---------------------------------------------------------------- see it (issue 5: bench, demo, report)
+
+# ---- runtime helper: `bench`
+
+
+@app.command()
+def bench(artifacts: Annotated[list[Path], typer.Argument(help="checkpoints, .onnx files and .engine files; "
+                                                          "the first is the baseline")],
+          batch: Annotated[str, typer.Option("--batch", help="batch sizes, comma-separated")] = "1,8,32",
+          size: Annotated[int | None, typer.Option("--size", help="image side (default: the first artifact's "
+                                                   "input size)")] = None,
+          backend: Annotated[str | None, typer.Option("--backend", help="backends to run each artifact on, "
+                                                      "comma-separated: torch,ort,trt (default: its own)")] = None,
+          device: DeviceOpt = None,
+          warmup: Annotated[int, typer.Option("--warmup", help="untimed runs first")] = 3,
+          repeats: Annotated[int, typer.Option("--repeats", help="timed runs per batch size")] = 20,
+          max_seconds: Annotated[float, typer.Option("--max-seconds", help="time budget per artifact and "
+                                                     "batch size (at least 3 runs)")] = 10.0,
+          threads: Annotated[int | None, typer.Option("--threads", help="CPU threads (torch and ONNX "
+                                                      "Runtime alike)")] = None,
+          arch: ArchOpt = None, num_classes: NumClassesOpt = None, trust_pickle: TrustOpt = False,
+          json_out: Annotated[Path | None, typer.Option("--json-out", help="also write the full JSON report "
+                                                        "to this file")] = None,
+          plot: Annotated[Path | None, typer.Option("--plot", help="write a latency/throughput plot "
+                                                    "(.png, .svg or .pdf)")] = None,
+          as_json: JsonOpt = False) -> None:
+    """Latency, throughput, size and memory of artifacts side by side, in one process, on the same inputs."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from repconv import api
+    from repconv.runtime.bench import parse_batches
+
+    batches = parse_batches(batch)
+    backends = [b.strip() for b in backend.split(",") if b.strip()] if backend else None
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   console=err, transient=True)
+    task = bar.add_task("bench", total=None)
+
+    def progress(message: str, done: int, total: int) -> None:
+        bar.start()  # only once measuring begins, so that an early one-line error stays one line
+        bar.update(task, description=message, completed=done, total=total)
+
+    try:
+        report = api.bench(artifacts, batches=batches, size=size, backends=backends, device=device, warmup=warmup,
+                           repeats=repeats, max_seconds=max_seconds, threads=threads, arch=arch,
+                           num_classes=num_classes, trust_pickle=trust_pickle, json_out=json_out, plot=plot,
+                           progress=progress)
+    finally:
+        bar.stop()
+    if as_json:
+        emit_json(report.to_dict())
+    else:
+        _render_bench(report)
+    for path, what in ((json_out, "JSON report"), (plot, "plot")):
+        if path is not None:
+            err.print(f"{what} -> {path}")
+
+
+def _render_bench(report) -> None:
+    base = report.targets[0]
+    models = Table(title=f"Artifacts (baseline: {report.baseline})", title_justify="left")
+    for col in ("artifact", "backend", "dtype", "params", "MACs / image", "file", "peak memory", "load",
+                "max |Δ| vs baseline", "top-1 agree"):
+        models.add_column(col, justify="left" if col in ("artifact", "backend", "dtype") else "right")
+    for r in report.targets:
+        models.add_row(r.label, f"{r.backend} ({r.device})", r.dtype,
+                       human(r.params) if r.params is not None else "-",
+                       human(r.macs) if r.macs is not None else "-", human(r.file_bytes, "B"),
+                       human(r.peak_memory_bytes, "B"), f"{r.load_seconds:.2f}s",
+                       "baseline" if r is base else (f"{r.max_abs_diff_vs_baseline:.2e}"
+                                                     if r.max_abs_diff_vs_baseline is not None else "-"),
+                       "" if r is base else (f"{r.top1_agreement_vs_baseline:.0%}"
+                                             if r.top1_agreement_vs_baseline is not None else "-"))
+    out.print(models)
+    latency = Table(title=f"Latency at {report.options['size']}px, {report.machine['torch_threads']} threads "
+                    f"({report.machine['cpu']}, load {report.machine['load_average'][0]:.1f})"
+                    if report.machine.get("load_average") else "Latency", title_justify="left")
+    for col in ("artifact", "backend", "batch", "median ms", "p90 ms", "images/s", "speed-up"):
+        latency.add_column(col, justify="left" if col in ("artifact", "backend") else "right")
+    for r in report.targets:
+        for t in r.timings:
+            latency.add_row(r.label, r.backend, str(t.batch), f"{t.median_ms:.2f}", f"{t.p90_ms:.2f}",
+                            f"{t.throughput:.1f}", f"{t.speedup:.2f}x" if t.speedup else "-")
+        for b, why in r.skipped.items():
+            latency.add_row(r.label, r.backend, b, "-", "-", "-", f"skipped: {why}")
+    out.print(latency)
+
+
+
+@app.command()
+def report(run_dir: Annotated[Path, typer.Argument(help="run directory holding run.json (e.g. repconv demo --out)")],
+           output: Annotated[Path | None, typer.Option("-o", "--output", help="HTML file to write "
+                                                       "(default RUN_DIR/report.html)")] = None,
+           as_json: JsonOpt = False) -> None:
+    """One self-contained HTML page from a run directory: plan, savings, accuracy, parity, latency."""
+    from repconv import api
+
+    result = api.report(run_dir, output)
+    if as_json:
+        emit_json(result.to_dict())
+    else:
+        _render_stages(result.summary["stages"], None, f"{result.summary['title']}")
+        out.print(f"report: {result.path}")
+
+
+def _render_stages(stages: list[dict], latency: dict[str, float] | None, title: str) -> None:
+    table = Table(title=title, title_justify="left")
+    cols = ["stage", "val accuracy", "params", "trainable params", "MACs", "file size"]
+    if latency is not None:
+        cols.append("latency b1 (ms)")
+    for col in cols:
+        table.add_column(col, justify="left" if col == "stage" else "right", no_wrap=col == "stage")
+    for s in stages:
+        row = [s["name"], "-" if s["val_acc"] is None else f"{100 * s['val_acc']:.2f}%",
+               "-" if s["params"] is None else human(s["params"]),
+               "-" if s["trainable_params"] is None else human(s["trainable_params"]),
+               "-" if s["macs"] is None else human(s["macs"]),
+               "-" if s["file_size"] is None else human(s["file_size"], "B")]
+        if latency is not None:
+            ms = latency.get(s["name"])
+            row.append("-" if ms is None else f"{ms:.3f}")
+        table.add_row(*row)
+    out.print(table)
+
+
+@app.command()
+def demo(out_dir: Annotated[Path, typer.Option("--out", help="folder for the artifacts, run.json and "
+                                               "report.html (a trained model there is reused)")] = Path("repconv-demo"),
+         quick: Annotated[bool, typer.Option("--quick", help="fewer epochs and bench runs (CI)")] = False,
+         as_json: JsonOpt = False) -> None:
+    """The whole pipeline offline on the bundled digits data: train, convert, recover, fold, export, bench."""
+    from repconv import api
+
+    result = api.demo(out_dir, quick=quick, progress=True, say=lambda m: err.print(m, markup=False, highlight=False,
+                                                                         soft_wrap=True))
+    summary = result.to_dict()
+    if as_json:
+        emit_json(summary)
+        return
+    _render_stages(summary["stages"], result.latency_b1(), summary["title"])
+    if result.missing:
+        err.print(f"[yellow]not run (missing from this build):[/] {', '.join(result.missing)}")
+    out.print(f"artifacts, run.json and report in {result.out}; open {result.report}", soft_wrap=True)
 
 
 # ---------------------------------------------------------------- entry point
@@ -404,7 +750,7 @@ def main(argv: list[str] | None = None) -> None:
     except RepconvError as exc:
         if debug:
             traceback.print_exc()
-        err.print(f"[red]error:[/] {exc}", soft_wrap=True)
+        err.print(f"[red]error:[/] {escape(str(exc))}", soft_wrap=True)
         sys.exit(2)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import repconv
+from repconv.checkpoint import CheckpointMeta, save
 from repconv.models import resolve_arch
 from repconv.train.data import digits
 
@@ -82,6 +83,33 @@ def digits_model(digits_checkpoint) -> nn.Module:
     return repconv.load(digits_checkpoint)
 
 
+def export_onnx_for_tests(checkpoint: str, path) -> str:
+    """ONNX of a checkpoint with export's names and metadata keys (input/logits, dynamic batch).
+
+    Plain torch.onnx.export (legacy exporter) until repconv.export.onnx lands in main.
+    """
+    import onnx
+
+    from repconv.checkpoint import load
+    from repconv.runtime.metadata import onnx_props
+
+    loaded = load(checkpoint)
+    x = torch.randn(2, *loaded.meta.input_size)
+    torch.onnx.export(loaded.model.eval(), (x,), str(path), input_names=["input"], output_names=["logits"],
+                      dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17, dynamo=False)
+    proto = onnx.load(str(path))
+    for key, value in onnx_props(loaded.meta, "fp32").items():
+        proto.metadata_props.add(key=key, value=value)
+    onnx.save(proto, str(path))
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def digits_onnx(digits_checkpoint, tmp_path_factory) -> str:
+    """Path of the digits checkpoint exported to ONNX (fp32, dynamic batch, repconv metadata)."""
+    return export_onnx_for_tests(digits_checkpoint, tmp_path_factory.mktemp("onnx") / "digits_resnet20.onnx")
+
+
 @pytest.fixture
 def run_cli(capsys):
     """Run the `repconv` CLI in-process: returns (exit code, stdout, stderr)."""
@@ -98,3 +126,24 @@ def run_cli(capsys):
         return code, captured.out, captured.err
 
     return run
+
+
+SMALL_CLASSES = [f"class_{i}" for i in range(10)]
+
+
+@pytest.fixture(scope="session")
+def small_checkpoint(tmp_path_factory) -> str:
+    """A random cifar_resnet20 (10 classes named class_0.., non-trivial BN) as a repconv file: fast to make."""
+    spec = resolve_arch(DIGITS_ARCH)
+    torch.manual_seed(0)
+    model = randomize_bn(spec.build(num_classes=10)).eval()
+    meta = CheckpointMeta.for_arch(spec, {"num_classes": 10}, class_names=SMALL_CLASSES)
+    path = tmp_path_factory.mktemp("small") / "small.repconv.safetensors"
+    save(path, model, meta)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def small_onnx(small_checkpoint, tmp_path_factory) -> str:
+    """``small_checkpoint`` as ONNX (dynamic batch, repconv metadata)."""
+    return export_onnx_for_tests(small_checkpoint, tmp_path_factory.mktemp("small_onnx") / "small.onnx")

@@ -1,0 +1,95 @@
+"""Precision passes on an fp32 ONNX graph: fp16 (inputs/outputs stay fp32) and int8 static QDQ.
+
+Precision lives in the ONNX graph because TensorRT 11 builds strongly typed networks only.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+
+from repconv.errors import DataError, DependencyError
+
+# Kept in fp32 by the fp16 pass: reductions and normalizations whose intermediate values overflow or
+# lose too much precision in fp16 (variance of activations, softmax sums), on top of onnxruntime's defaults.
+FP16_KEEP_FP32 = ("LayerNormalization", "GroupNormalization", "InstanceNormalization", "ReduceMean", "Pow", "Sqrt",
+                  "Softmax", "Erf")
+
+
+def to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
+    """fp16 weights and compute, fp32 graph inputs/outputs and sensitive nodes (``FP16_KEEP_FP32``)."""
+    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
+
+    return convert_float_to_float16(model, keep_io_types=True,
+                                    op_block_list=sorted(set(DEFAULT_OP_BLOCK_LIST) | set(FP16_KEEP_FP32)))
+
+
+def to_int8(model: onnx.ModelProto, calibration: torch.Tensor, *, input_name: str = "input",
+            batch_size: int = 16) -> onnx.ModelProto:
+    """Static QDQ quantization: int8 per-channel weights, uint8 activations calibrated (min/max) on
+    ``calibration`` images. The graph is pre-processed (shape inference, fusions) first, as onnxruntime
+    recommends."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = iter(calibration.split(batch_size))
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            batch = next(self.batches, None)
+            return None if batch is None else {input_name: batch.numpy()}
+
+    with tempfile.TemporaryDirectory(prefix="repconv-int8-") as tmp:
+        src, pre, dst = (Path(tmp) / n for n in ("fp32.onnx", "pre.onnx", "int8.onnx"))
+        onnx.save_model(model, src)
+        quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
+        quantize_static(str(pre), str(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+        return onnx.load(dst)
+
+
+# ---------------------------------------------------------------- real images
+
+
+def images(source: str, split: str, input_size: tuple[int, int, int], mean, std, limit: int) -> torch.Tensor:
+    """Up to ``limit`` preprocessed images (N, 3, H, W) from ``digits`` or an image folder."""
+    dataset = _dataset(source, split, input_size, mean, std)
+    batches, total = [], 0
+    for x, *_ in _batches(dataset):
+        batches.append(x)
+        total += len(x)
+        if total >= limit:
+            break
+    if not batches:
+        raise DataError(f"'{source}' holds no image for calibration or checking", "give a folder of images")
+    return torch.cat(batches)[:limit]
+
+
+def _dataset(source: str, split: str, input_size, mean, std):
+    try:
+        from repconv.train.data import make_dataset
+    except ImportError:
+        make_dataset = None
+    if make_dataset is not None:
+        try:
+            return make_dataset(source, split, input_size[1:], mean, std, labeled=False)
+        except DataError:
+            if split == "train":
+                raise
+            return make_dataset(source, "train", input_size[1:], mean, std, labeled=False)
+    if str(source) == "digits":
+        from repconv.train.data import digits
+
+        return digits(split, input_size[1], mean, std)
+    raise DependencyError(f"--calib '{source}': image folders need repconv.train.data.make_dataset, "
+                          "which this build does not have yet", "use --calib digits")
+
+
+def _batches(dataset) -> Iterator:
+    return iter(torch.utils.data.DataLoader(dataset, batch_size=64, shuffle=False))
