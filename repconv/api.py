@@ -10,6 +10,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -39,11 +40,14 @@ from repconv.convert.graph import (
 from repconv.convert.plan import Plan
 from repconv.convert.replacement import replaced_units, select_units
 from repconv.errors import ArchError, NothingToReplace, OutputError, PlanError, VerificationError
-from repconv.export.onnx import ExportResult, export_onnx
+from repconv.export.onnx import ExportResult, check_options, export_onnx
 from repconv.export.tensorrt import EngineBuild, EngineOptions
 from repconv.runtime.bench import BenchOptions, BenchReport, Target
 from repconv.runtime.predict import PredictResult
 from repconv.runtime.session import Session, artifact_backend, open_session
+
+if TYPE_CHECKING:
+    from repconv import demo as demo_module
 
 __all__ = [
     "BenchOptions",
@@ -58,12 +62,14 @@ __all__ = [
     "FinetuneResult",
     "FoldResult",
     "PredictResult",
+    "ReportResult",
     "Session",
     "TrainResult",
     "bench",
     "build_engine",
     "calibrate",
     "convert",
+    "demo",
     "engine_plan",
     "export",
     "finetune",
@@ -75,6 +81,7 @@ __all__ = [
     "open_session",
     "parameter_free_report",
     "predict",
+    "report",
     "save",
     "summarize",
     "train",
@@ -745,6 +752,7 @@ def export(model: ModelLike | Conversion, output: str | os.PathLike, *, format: 
     """
     if format != "onnx":
         raise PlanError(f"unknown export format '{format}'", "use --format onnx")
+    check_options(output, **options)  # fail fast, before loading and folding
     loaded = _as_loaded(model, arch=arch, num_classes=num_classes, trust_pickle=trust_pickle)
     if replaced_units(loaded.model) or loaded.meta.kind == "converted":
         folded = fold(loaded)
@@ -922,3 +930,32 @@ _DERIVED = {("torch", "ort"), ("torch", "trt"), ("ort", "trt")}  # (artifact's b
 def _opener(path: Path, backend: str, device, arch, num_classes, trust_pickle, threads):
     return lambda: open_session(path, backend if backend != "torch" else None, device, arch=arch,
                                 num_classes=num_classes, trust_pickle=trust_pickle, threads=threads)
+
+
+# ---------------------------------------------------------------- see it (issue 5): demo, report
+
+
+@dataclass
+class ReportResult:
+    path: Path
+    run_dir: Path
+    summary: dict
+
+    def to_dict(self) -> dict:
+        return {"report": str(self.path), "run_dir": str(self.run_dir), **self.summary}
+
+
+def report(run_dir: str | os.PathLike, output: str | os.PathLike | None = None) -> ReportResult:
+    """Render ``RUN_DIR/run.json`` as one self-contained HTML page (default ``RUN_DIR/report.html``)."""
+    from repconv.report import read_run, summarize_run, write_report
+
+    summary = summarize_run(read_run(run_dir))
+    return ReportResult(write_report(run_dir, output), Path(run_dir), summary)
+
+
+def demo(out: str | os.PathLike = "repconv-demo", *, quick: bool = False, progress: bool = True,
+         say=None) -> demo_module.DemoResult:
+    """The whole pipeline offline on the bundled digits data; artifacts, run.json and report.html in ``out``."""
+    from repconv.demo import run_demo
+
+    return run_demo(out, quick=quick, progress=progress, say=say)

@@ -688,6 +688,62 @@ def _render_bench(report) -> None:
 
 
 
+@app.command()
+def report(run_dir: Annotated[Path, typer.Argument(help="run directory holding run.json (e.g. repconv demo --out)")],
+           output: Annotated[Path | None, typer.Option("-o", "--output", help="HTML file to write "
+                                                       "(default RUN_DIR/report.html)")] = None,
+           as_json: JsonOpt = False) -> None:
+    """One self-contained HTML page from a run directory: plan, savings, accuracy, parity, latency."""
+    from repconv import api
+
+    result = api.report(run_dir, output)
+    if as_json:
+        emit_json(result.to_dict())
+    else:
+        _render_stages(result.summary["stages"], None, f"{result.summary['title']}")
+        out.print(f"report: {result.path}")
+
+
+def _render_stages(stages: list[dict], latency: dict[str, float] | None, title: str) -> None:
+    table = Table(title=title, title_justify="left")
+    cols = ["stage", "val accuracy", "params", "trainable params", "MACs", "file size"]
+    if latency is not None:
+        cols.append("latency b1 (ms)")
+    for col in cols:
+        table.add_column(col, justify="left" if col == "stage" else "right", no_wrap=col == "stage")
+    for s in stages:
+        row = [s["name"], "-" if s["val_acc"] is None else f"{100 * s['val_acc']:.2f}%",
+               "-" if s["params"] is None else human(s["params"]),
+               "-" if s["trainable_params"] is None else human(s["trainable_params"]),
+               "-" if s["macs"] is None else human(s["macs"]),
+               "-" if s["file_size"] is None else human(s["file_size"], "B")]
+        if latency is not None:
+            ms = latency.get(s["name"])
+            row.append("-" if ms is None else f"{ms:.3f}")
+        table.add_row(*row)
+    out.print(table)
+
+
+@app.command()
+def demo(out_dir: Annotated[Path, typer.Option("--out", help="folder for the artifacts, run.json and "
+                                               "report.html (a trained model there is reused)")] = Path("repconv-demo"),
+         quick: Annotated[bool, typer.Option("--quick", help="fewer epochs and bench runs (CI)")] = False,
+         as_json: JsonOpt = False) -> None:
+    """The whole pipeline offline on the bundled digits data: train, convert, recover, fold, export, bench."""
+    from repconv import api
+
+    result = api.demo(out_dir, quick=quick, progress=True, say=lambda m: err.print(m, markup=False, highlight=False,
+                                                                         soft_wrap=True))
+    summary = result.to_dict()
+    if as_json:
+        emit_json(summary)
+        return
+    _render_stages(summary["stages"], result.latency_b1(), summary["title"])
+    if result.missing:
+        err.print(f"[yellow]not run (missing from this build):[/] {', '.join(result.missing)}")
+    out.print(f"artifacts, run.json and report in {result.out}; open {result.report}", soft_wrap=True)
+
+
 # ---------------------------------------------------------------- entry point
 
 

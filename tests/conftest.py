@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from torch import nn
@@ -11,7 +13,7 @@ from repconv.checkpoint import CheckpointMeta, save
 from repconv.models import resolve_arch
 from repconv.train.data import digits
 
-torch.set_num_threads(2)
+torch.set_num_threads(int(os.environ.get("REPCONV_TEST_THREADS", "2")))  # 1 is faster on a busy machine
 
 
 class Chain(nn.Module):
