@@ -271,7 +271,7 @@ def _plan_rows(finetuned: Path, pf_conversion) -> list[PlanRow]:
 def _bench(run: RunRecord, out: Path, artifacts: list[Path], cfg: DemoConfig, step, say: Say) -> None:
     with step(f"benchmarking {len(artifacts)} artifacts, batch {', '.join(map(str, cfg.bench_batches))}"):
         res = api.bench([str(p) for p in artifacts], batches=cfg.bench_batches, repeats=cfg.bench_repeats,
-                        json_out=out / "bench.json", progress=lambda m: say(f"      {m}"))
+                        json_out=out / "bench.json", progress=lambda m, *_: say(f"      {m}"))
     run.bench = res.to_dict()
     load = run.bench.get("machine", {}).get("load_average")
     if load and load[0] > 0.5 * (run.bench["machine"].get("cpu_count") or 1):
