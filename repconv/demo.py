@@ -33,6 +33,8 @@ class DemoConfig:
     train_epochs: int = 8
     finetune_epochs: int = 2
     pf_finetune_epochs: int = 3
+    calib_batches: int = 4  # batches of 32 images the scalars are fitted on
+    calib_iters: int = 20  # L-BFGS iterations
     finetune_train: str = "scalars"  # what the replacement model trains: scalars | norm | all
     finetune_batches: int | None = None  # batches per fine-tuning epoch (None: the whole training split)
     # A basic block has two 3x3 convs and no 1x1 around them: replacing both (all targets) leaves a network of
@@ -44,8 +46,8 @@ class DemoConfig:
 
 
 FULL = DemoConfig()
-QUICK = DemoConfig(train_epochs=3, finetune_epochs=1, pf_finetune_epochs=1, finetune_batches=8, bench_batches=(1,),
-                   bench_repeats=10, exporter="legacy")
+QUICK = DemoConfig(train_epochs=3, calib_batches=2, calib_iters=10, finetune_epochs=1, pf_finetune_epochs=1,
+                   finetune_batches=8, bench_batches=(1,), bench_repeats=10, exporter="legacy")
 
 
 @dataclass
@@ -173,10 +175,11 @@ def _convert(run: RunRecord, out: Path, original: Path, name: str, step, **optio
     return path, conv
 
 
-def _calibrate(run: RunRecord, out: Path, converted: Path, original: Path, step) -> Path:
+def _calibrate(run: RunRecord, out: Path, converted: Path, original: Path, cfg: DemoConfig, step) -> Path:
     path = out / "replacement-calibrated.repconv.safetensors"
     with step("calibrating the replaced units' scalars (function space)") as t:
-        cal = api.calibrate(converted, teacher=original, data=DATA, output=path)
+        cal = api.calibrate(converted, teacher=original, data=DATA, output=path, batches=cfg.calib_batches,
+                            max_iter=cfg.calib_iters)
     prev = run.stage("replacement")
     scalars = ", ".join(f"{u['unit']}: a {u['a_before']:.3f} -> {u['a']:.3f}, b {u['b_before']:.3f} -> {u['b']:.3f}"
                         for u in cal.units)
@@ -268,7 +271,7 @@ def _plan_rows(finetuned: Path, pf_conversion) -> list[PlanRow]:
 def _bench(run: RunRecord, out: Path, artifacts: list[Path], cfg: DemoConfig, step, say: Say) -> None:
     with step(f"benchmarking {len(artifacts)} artifacts, batch {', '.join(map(str, cfg.bench_batches))}"):
         res = api.bench([str(p) for p in artifacts], batches=cfg.bench_batches, repeats=cfg.bench_repeats,
-                        json_out=out / "bench.json", progress=lambda m: say(f"      {m}"))
+                        json_out=out / "bench.json", progress=lambda m, *_: say(f"      {m}"))
     run.bench = res.to_dict()
     load = run.bench.get("machine", {}).get("load_average")
     if load and load[0] > 0.5 * (run.bench["machine"].get("cpu_count") or 1):
@@ -310,7 +313,7 @@ def run_demo(out: str | Path = "repconv-demo", *, quick: bool = False, progress:
     run.data = {"name": DATA, "split": "val", "images": len(_val_set(meta)), "input_size": list(meta.input_size)}
 
     rep, _ = _convert(run, out, original, "replacement", step, method="replacement")
-    rep = _calibrate(run, out, rep, original, step)
+    rep = _calibrate(run, out, rep, original, cfg, step)
     rep = _finetune(run, out, rep, original, "replacement-finetuned", "replacement", cfg.finetune_train,
                     cfg.finetune_epochs, cfg, step, progress)
     rep_finetuned = rep
