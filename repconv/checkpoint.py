@@ -36,16 +36,25 @@ _WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "module")
 # ---------------------------------------------------------------- atomic output
 
 
-@contextlib.contextmanager
-def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside ``target``; rename it onto ``target`` only if the block succeeds."""
+def check_output_path(target: str | os.PathLike) -> Path:
+    """Raise OutputError now if ``target`` could not be written (missing or read-only folder, a folder)."""
     target = Path(target)
     folder = target.parent if str(target.parent) else Path(".")
+    if target.is_dir():
+        raise OutputError(f"cannot write '{target}': it is a folder", "give a file name")
     if not folder.is_dir():
         raise OutputError(f"cannot write '{target}': folder '{folder}' does not exist", "create it first")
     if not os.access(folder, os.W_OK):
         raise OutputError(f"cannot write '{target}': folder '{folder}' is not writable",
                           "choose another output path")
+    return target
+
+
+@contextlib.contextmanager
+def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``target``; rename it onto ``target`` only if the block succeeds."""
+    target = check_output_path(target)
+    folder = target.parent
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=folder)
     os.close(fd)
     tmp = Path(tmp)
@@ -230,26 +239,23 @@ def fit_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], arch: 
         src = f"'{path}'" if path else "the weights"
         raise ArchError(f"{src} do not fit {arch}: " + "; ".join(parts),
                         "check --arch (and --num-classes), or that the file belongs to this architecture")
-    model.load_state_dict(state_dict, strict=True, assign=_on_meta(model))
-    if _on_meta(model):
-        left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
-        raise ArchError(f"{arch} has state the checkpoint does not hold: {', '.join(left[:4])}",
-                        "this architecture cannot be rebuilt from weights alone")
-
-
-def _on_meta(model: nn.Module) -> bool:
-    return any(t.is_meta for t in [*model.parameters(), *model.buffers()])
+    model.load_state_dict(state_dict, strict=True)
 
 
 def build_empty(spec: ArchSpec, **kwargs) -> nn.Module:
-    """Build on the meta device (no random init, which costs ~0.5 s for a ResNet-50) when every tensor
-    of the module is persistent state that a strict load will fill; otherwise build normally."""
+    """Build with uninitialised storage when a strict load will fill every tensor.
+
+    Random initialisation costs ~0.5 s for a ResNet-50 and is thrown away by the load. The module is
+    built on the meta device and materialised with ``to_empty`` (fresh, aligned CPU storage: loading
+    with ``assign=True`` instead would keep safetensors' buffers, on which oneDNN may pick kernels that
+    round differently, and a re-loaded model would no longer be bit-exact).
+    """
     model = build_on_meta(spec, **kwargs)
     if model is None:
         return spec.build(**kwargs)
     persistent = set(model.state_dict())
     if all(n in persistent for n, _ in [*model.named_parameters(), *model.named_buffers()]):
-        return model
+        return model.to_empty(device="cpu")
     return spec.build(**kwargs)
 
 

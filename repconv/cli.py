@@ -16,6 +16,7 @@ from typing import Annotated, Any
 import click
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from repconv.errors import RepconvError
@@ -186,12 +187,19 @@ def convert(model: ModelArg,
             plan: PlanOpt = None, leaf: LeafOpt = None, pf_policy: PfPolicyOpt = "all", pf_op: PfOpOpt = "max",
             pf_units: PfUnitsOpt = None,
             plan_out: Annotated[Path | None, typer.Option("--plan-out", help="also write the plan as JSON")] = None,
+            select: Annotated[str, typer.Option("--select", help="position (--every/--units) | measured (least "
+                                                "KL damage on --data, up to --budget units)")] = "position",
+            budget: Annotated[int | None, typer.Option("--budget", help="max replaced units with --select "
+                                                       "measured")] = None,
+            data: Annotated[str | None, typer.Option("--data", help="calibration data for --select measured: "
+                                                     "digits or a folder")] = None,
             trust_pickle: TrustOpt = False, as_json: JsonOpt = False) -> None:
     """Rewrite a checkpoint into the Replacement Learning and/or parameter-free form."""
     from repconv import api
     from repconv.checkpoint import write_text_atomic
 
     result = api.convert(model, arch=arch, num_classes=num_classes, trust_pickle=trust_pickle, output=output,
+                         select=select, budget=budget, data=data,
                          **_convert_options(method, every, units, max_fraction, init, neighbor_grad, plan,
                                             leaf, pf_policy, pf_op, pf_units))
     if plan_out:
@@ -221,6 +229,164 @@ def models_(source: Annotated[str | None, typer.Option(help="repconv | torchvisi
 
 
 # ---------------------------------------------------------------- train (issue 3: calibrate, finetune, train)
+
+DataOpt = Annotated[str, typer.Option("--data", help="'digits' (bundled, no download), an ImageFolder tree "
+                                      "(ROOT/CLASS/*.jpg; ROOT/train and ROOT/val when present) or a folder of "
+                                      "unlabeled images (distillation)")]
+ValDataOpt = Annotated[str | None, typer.Option("--val-data", help="labeled validation images (default: the "
+                                                "data's own val split when it has one)")]
+TeacherOpt = Annotated[Path | None, typer.Option("--teacher", help="the original checkpoint (any file repconv "
+                                                 "loads)")]
+OutOpt = Annotated[Path, typer.Option("-o", "--output", help="output file (*.repconv.safetensors)")]
+SizeOpt = Annotated[int | None, typer.Option("--input-size", help="square input size (default: the model's)")]
+MeanOpt = Annotated[list[float] | None, typer.Option("--mean", help="normalization mean, 3 values (default: the "
+                                                     "model's)")]
+StdOpt = Annotated[list[float] | None, typer.Option("--std", help="normalization std, 3 values (default: the "
+                                                    "model's)")]
+EpochsOpt = Annotated[int, typer.Option("--epochs")]
+BatchOpt = Annotated[int, typer.Option("--batch-size", help="per process")]
+SeedOpt = Annotated[int, typer.Option("--seed")]
+ResumeOpt = Annotated[bool, typer.Option("--resume", help="continue from OUTPUT.state.pt (epoch boundary)")]
+BatchesOpt = Annotated[int | None, typer.Option("--batches-per-epoch", help="cap the batches of an epoch")]
+AccumOpt = Annotated[int, typer.Option("--accum", help="gradient accumulation steps")]
+AmpOpt = Annotated[str, typer.Option("--amp", help="auto (fp16/bf16 on CUDA, off on CPU) | on | off")]
+WarmupOpt = Annotated[float, typer.Option("--warmup-epochs", help="linear warmup, then cosine decay")]
+WorkersOpt = Annotated[int, typer.Option("--workers", help="DataLoader worker processes")]
+
+
+def _is_rank0(result) -> bool:
+    return getattr(result, "rank", 0) == 0
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2%}"
+
+
+def _render_history(history: list[dict], title: str) -> None:
+    table = Table(title=title, title_justify="left")
+    for col in ("epoch", "train loss", "train acc", "val acc", "lr", "img/s"):
+        table.add_column(col, justify="right")
+    for h in history:
+        table.add_row(str(h["epoch"]), f"{h['train_loss']:.4f}", _pct(h.get("train_acc")), _pct(h.get("val_acc")),
+                      f"{h['lr']:.2e}", f"{h['images_per_s']:.0f}")
+    out.print(table)
+
+
+def _mean_std(mean, std):
+    return (tuple(mean) if mean else None), (tuple(std) if std else None)
+
+
+@app.command()
+def calibrate(model: ModelArg, data: DataOpt, output: OutOpt, teacher: TeacherOpt = None,
+              val_data: ValDataOpt = None,
+              batches: Annotated[int, typer.Option("--batches", help="calibration batches")] = 4,
+              batch_size: BatchOpt = 32,
+              select: Annotated[str, typer.Option("--select", help="all: fit every replaced unit | measured: keep "
+                                                  "only the --budget least harmful ones (KL of logits)")] = "all",
+              budget: Annotated[int | None, typer.Option("--budget", help="units to keep with --select "
+                                                         "measured")] = None,
+              input_size: SizeOpt = None, mean: MeanOpt = None, std: StdOpt = None, seed: SeedOpt = 0,
+              trust_pickle: TrustOpt = False, as_json: JsonOpt = False) -> None:
+    """Fit each replaced unit's scalars (a, b) to the original unit's outputs on a few batches."""
+    from repconv import api
+
+    r = api.calibrate(model, teacher=teacher, data=data, output=output, val_data=val_data, batches=batches,
+                      batch_size=batch_size, select=select, budget=budget, input_size=input_size,
+                      **dict(zip(("mean", "std"), _mean_std(mean, std), strict=True)), seed=seed,
+                      trust_pickle=trust_pickle)
+    if as_json:
+        emit_json(r.to_dict())
+        return
+    if r.damage:
+        dt = Table(title="Measured damage (each unit replaced alone)", title_justify="left")
+        for col in ("unit", "KL to teacher", "kept"):
+            dt.add_column(col)
+        for d in sorted(r.damage, key=lambda d: d["kl"]):
+            dt.add_row(d["unit"], f"{d['kl']:.4g}", "yes" if d["unit"] in r.selected else "no")
+        out.print(dt)
+    table = Table(title=f"Calibrated on {r.batches} batches ({r.images} images) -> {r.output}", title_justify="left")
+    for col in ("unit", "a", "b"):
+        table.add_column(col, justify="left" if col == "unit" else "right")
+    for u in r.units:
+        table.add_row(u["unit"], f"{u['a_before']:.4f} -> {u['a']:.4f}", f"{u['b_before']:.4f} -> {u['b']:.4f}")
+    out.print(table)
+    out.print(f"KL(teacher || model) on the calibration batches: {r.kl_before:.4g} -> {r.kl_after:.4g}")
+    if r.val_acc is not None:
+        out.print(f"val accuracy: {_pct(r.val_acc_before)} before, {_pct(r.val_acc)} after "
+                  f"(teacher {_pct(r.teacher_val_acc)})")
+
+
+@app.command()
+def finetune(model: ModelArg, data: DataOpt, output: OutOpt, teacher: TeacherOpt = None,
+             objective: Annotated[str, typer.Option("--objective", help="ce (labels) | distill (KL to the "
+                                                    "teacher; unlabeled data works) | both")] = "ce",
+             train: Annotated[str, typer.Option("--train", help="scalars | norm (scalars + norm affine + "
+                                                "classifier) | all")] = "scalars",
+             val_data: ValDataOpt = None, epochs: EpochsOpt = 3, batch_size: BatchOpt = 64,
+             lr: Annotated[float, typer.Option("--lr")] = 1e-3,
+             optimizer: Annotated[str, typer.Option("--optimizer", help="adamw | sgd")] = "adamw",
+             weight_decay: Annotated[float, typer.Option("--weight-decay")] = 1e-4,
+             warmup_epochs: WarmupOpt = 0.0, accum: AccumOpt = 1,
+             temperature: Annotated[float, typer.Option("--temperature", help="distillation temperature")] = 2.0,
+             alpha: Annotated[float, typer.Option("--alpha", help="label-loss weight in 'both'")] = 0.5,
+             amp: AmpOpt = "auto", seed: SeedOpt = 0, workers: WorkersOpt = 0, batches_per_epoch: BatchesOpt = None,
+             input_size: SizeOpt = None, mean: MeanOpt = None, std: StdOpt = None, resume: ResumeOpt = False,
+             trust_pickle: TrustOpt = False, as_json: JsonOpt = False) -> None:
+    """Recover a converted model with labels, distillation from the original, or both (torchrun-ready)."""
+    from repconv import api
+
+    m, s = _mean_std(mean, std)
+    r = api.finetune(model, data=data, output=output, teacher=teacher, objective=objective, train=train,
+                     val_data=val_data, epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer,
+                     weight_decay=weight_decay, warmup_epochs=warmup_epochs, accum_steps=accum,
+                     temperature=temperature, alpha=alpha, amp=amp, seed=seed, workers=workers,
+                     batches_per_epoch=batches_per_epoch, input_size=input_size, mean=m, std=s, resume=resume,
+                     progress=not as_json, trust_pickle=trust_pickle)
+    if not _is_rank0(r):
+        return
+    if as_json:
+        emit_json(r.to_dict())
+        return
+    _render_history(r.history, f"finetune --objective {r.objective} --train {r.train}: "
+                    f"{human(r.trainable_params)} of {human(r.total_params)} parameters trained -> {r.output}")
+    if r.resumed_from_epoch is not None:
+        err.print(f"resumed after epoch {r.resumed_from_epoch}")
+
+
+@app.command("train")
+def train_(arch: Annotated[str, typer.Argument(help="architecture name (e.g. cifar_resnet56, resnet18)")],
+           data: DataOpt, output: OutOpt,
+           replace_every: Annotated[int, typer.Option("--replace-every", help="replace every K-th interior unit "
+                                                      "of each run (K >= 2)")] = 2,
+           no_replace: Annotated[bool, typer.Option("--no-replace", help="ordinary end-to-end training")] = False,
+           val_data: ValDataOpt = None, epochs: EpochsOpt = 30, batch_size: BatchOpt = 64,
+           lr: Annotated[float, typer.Option("--lr")] = 0.1,
+           optimizer: Annotated[str, typer.Option("--optimizer", help="sgd | adamw")] = "sgd",
+           weight_decay: Annotated[float, typer.Option("--weight-decay")] = 5e-4,
+           warmup_epochs: WarmupOpt = 1.0, accum: AccumOpt = 1,
+           label_smoothing: Annotated[float, typer.Option("--label-smoothing")] = 0.0,
+           amp: AmpOpt = "auto", seed: SeedOpt = 0, workers: WorkersOpt = 0, batches_per_epoch: BatchesOpt = None,
+           input_size: SizeOpt = None, mean: MeanOpt = None, std: StdOpt = None, resume: ResumeOpt = False,
+           as_json: JsonOpt = False) -> None:
+    """Train from scratch, with Replacement Learning (the papers' setting) or without."""
+    from repconv import api
+
+    m, s = _mean_std(mean, std)
+    r = api.train(arch, data=data, output=output, replace=not no_replace, replace_every=replace_every,
+                  val_data=val_data, epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer,
+                  weight_decay=weight_decay, warmup_epochs=warmup_epochs, accum_steps=accum,
+                  label_smoothing=label_smoothing, amp=amp, seed=seed, workers=workers,
+                  batches_per_epoch=batches_per_epoch, input_size=input_size, mean=m, std=s, resume=resume,
+                  progress=not as_json)
+    if not _is_rank0(r):
+        return
+    if as_json:
+        emit_json(r.to_dict())
+        return
+    units = f"{len(r.replaced_units)} replaced units" if r.replaced_units else "no replaced unit"
+    _render_history(r.history, f"train {r.arch} ({units}; {human(r.trainable_params)} trainable of "
+                    f"{human(r.params)}) -> {r.output}")
+
 
 # ---------------------------------------------------------------- deploy (issue 4: fold, export, predict)
 
@@ -291,11 +457,23 @@ def _render_export(r) -> None:
     for note in r.warnings:
         err.print(f"[yellow]warning:[/] {note}", soft_wrap=True)
 
+# ---- runtime helper: `export --format engine` (TensorRT) and `predict`
+
+BackendOpt = Annotated[str | None, typer.Option("--backend", help="torch | ort | trt (default: what the file is)")]
+DeviceOpt = Annotated[str | None, typer.Option("--device", help="cpu | cuda (default: cuda when available)")]
+
+
+def _engine_options(min_batch, opt_batch, max_batch, workspace, timing_cache, opt_level, verify):
+    from repconv.api import EngineOptions
+
+    return EngineOptions(min_batch, opt_batch, max_batch, workspace, timing_cache, opt_level, verify)
+
 
 @app.command()
 def export(model: ModelArg,
            output: Annotated[Path, typer.Option("-o", "--output", help="output file (.onnx)")],
-           format: Annotated[str, typer.Option("--format", help="onnx")] = "onnx",
+           fmt: Annotated[str, typer.Option("--format", help="onnx | engine (TensorRT, built from an ONNX file)")]
+           = "onnx",
            dtype: Annotated[str, typer.Option("--dtype", help="fp32 | fp16 | int8")] = "fp32",
            opset: Annotated[int | None, typer.Option("--opset", help="default: the newest both onnxruntime and "
                                                      "the exporter support")] = None,
@@ -319,13 +497,34 @@ def export(model: ModelArg,
                                                                "agreement with fp32 (fp16 0.99, int8 0.98)")] = None,
            ort_level: Annotated[str, typer.Option("--ort-level", help="onnxruntime optimization level used "
                                                   "for checks: disable | basic | extended | all")] = "all",
+           min_batch: Annotated[int, typer.Option("--min-batch", help="engine profile: smallest batch")] = 1,
+           opt_batch: Annotated[int, typer.Option("--opt-batch", help="engine profile: batch tuned for")] = 8,
+           max_batch: Annotated[int, typer.Option("--max-batch", help="engine profile: largest batch")] = 32,
+           workspace: Annotated[int, typer.Option("--workspace", help="engine builder workspace limit, MiB")] = 1024,
+           timing_cache: Annotated[Path | None, typer.Option("--timing-cache", help="TensorRT timing cache file "
+                                                             "(read if present, written after the build)")] = None,
+           opt_level: Annotated[int, typer.Option("--opt-level", help="TensorRT builder optimization level "
+                                                  "0..5")] = 3,
+           print_trtexec: Annotated[bool, typer.Option("--print-trtexec", help="print the equivalent trtexec "
+                                                       "command line instead of building")] = False,
            arch: ArchOpt = None, num_classes: NumClassesOpt = None, trust_pickle: TrustOpt = False,
            as_json: JsonOpt = False) -> None:
-    """Export a folded (or converted: folded first) model as a verified ONNX file."""
+    """Export a folded (or converted: folded first) model as a verified ONNX file, or a TensorRT engine."""
     from repconv import api
 
+    if fmt not in ("onnx", "engine"):
+        raise click.BadParameter(f"--format must be onnx or engine, not {fmt!r}")
+    if fmt == "engine":
+        options = _engine_options(min_batch, opt_batch, max_batch, workspace, timing_cache, opt_level, verify)
+        onnx_options = dict(opset=opset, dynamic_batch=not static, batch_size=batch_size, exporter=exporter,
+                            simplify=simplify, verify=verify, calib=calib,
+                            calib_size=calib_size, check_images=check_images, fuse_bn=fuse_bn, ort_level=ort_level,
+                            min_agreement=min_agreement)  # used when MODEL is a checkpoint: ONNX first
+        _export_engine(model, output, options, print_trtexec, dtype=dtype, arch=arch, num_classes=num_classes,
+                       trust_pickle=trust_pickle, as_json=as_json, onnx_options=onnx_options)
+        return
     with err.status("exporting") as status:
-        result = api.export(model, output, format=format, arch=arch, num_classes=num_classes,
+        result = api.export(model, output, arch=arch, num_classes=num_classes,
                             trust_pickle=trust_pickle, dtype=dtype, opset=opset, dynamic_batch=not static,
                             batch_size=batch_size, exporter=exporter, simplify=simplify, verify=verify,
                             calib=calib, calib_size=calib_size, check_images=check_images, fuse_bn=fuse_bn,
@@ -335,7 +534,215 @@ def export(model: ModelArg,
     else:
         _render_export(result)
 
+
+def _export_engine(model: Path, output: Path, options, print_trtexec: bool, *, dtype: str, arch: str | None,
+                   num_classes: int | None, trust_pickle: bool, as_json: bool, onnx_options: dict) -> None:
+    """`repconv export --format engine`: build (or, with --print-trtexec, describe) a TensorRT engine."""
+    from repconv import api
+
+    if print_trtexec:
+        plan = api.engine_plan(model, output, options, dtype=dtype, arch=arch, num_classes=num_classes,
+                               trust_pickle=trust_pickle)
+        if as_json:
+            emit_json(plan.to_dict())
+            return
+        if plan.onnx_first:
+            err.print(f"first write the ONNX: {plan.to_dict()['onnx_first']}", soft_wrap=True)
+        sys.stdout.write(plan.to_dict()["command"] + "\n")
+        return
+    with err.status("building the TensorRT engine"):
+        build = api.build_engine(model, output, options, dtype=dtype, arch=arch, num_classes=num_classes,
+                                 trust_pickle=trust_pickle, **onnx_options)
+    if as_json:
+        emit_json(build.to_dict())
+        return
+    table = Table(title=f"TensorRT engine -> {build.engine}", title_justify="left")
+    table.add_column("")
+    table.add_column("value")
+    table.add_row("precision (from the ONNX)", build.dtype)
+    for name, s in build.shapes.items():
+        table.add_row(f"profile '{name}' min/opt/max", " / ".join("x".join(map(str, s[k])) for k in ("min", "opt",
+                                                                                                      "max")))
+    table.add_row("TensorRT / CUDA / GPU", f"{build.versions['tensorrt']} / {build.versions['cuda']} / "
+                  f"{build.versions['gpu']} (sm {build.versions['compute_capability']})")
+    table.add_row("engine size", human(build.size_bytes, "B"))
+    for key, fig in build.verification.items():
+        table.add_row(f"vs ONNX Runtime, {key.replace('_', ' ')}", f"max abs {fig['max_abs']:.2e} "
+                      f"({fig['max_rel']:.2%}), top-1 agreement {fig['top1_agreement']:.0%}")
+    out.print(table)
+
+
+@app.command()
+def predict(artifact: Annotated[Path, typer.Argument(help="checkpoint, .onnx or .engine")],
+            images: Annotated[list[Path], typer.Argument(help="image files or folders of images")],
+            top_k: Annotated[int, typer.Option("--top-k", help="classes shown per image")] = 5,
+            backend: BackendOpt = None, device: DeviceOpt = None, arch: ArchOpt = None,
+            num_classes: NumClassesOpt = None, trust_pickle: TrustOpt = False, as_json: JsonOpt = False) -> None:
+    """Top-k classes per image with any checkpoint, ONNX file or TensorRT engine."""
+    from repconv import api
+
+    result = api.predict(artifact, images, top_k=top_k, backend=backend, device=device, arch=arch,
+                         num_classes=num_classes, trust_pickle=trust_pickle)
+    for warning in result.warnings:
+        err.print(f"[yellow]warning:[/] {escape(warning)}", soft_wrap=True)
+    if as_json:
+        emit_json(result.to_dict())
+        return
+    k = max((len(p.top) for p in result.predictions), default=0)
+    table = Table(title=escape(f"{artifact.name} [{result.backend}, {result.device}]"), title_justify="left")
+    table.add_column("image", overflow="fold")
+    for rank in range(1, k + 1):
+        table.add_column(f"#{rank}")
+    for p in result.predictions:
+        table.add_row(p.path, *[f"{s.label if s.label is not None else s.index} ({s.probability:.3f})"
+                                for s in p.top])
+    out.print(table)
+
+
 # ---------------------------------------------------------------- see it (issue 5: bench, demo, report)
+
+# ---- runtime helper: `bench`
+
+
+@app.command()
+def bench(artifacts: Annotated[list[Path], typer.Argument(help="checkpoints, .onnx files and .engine files; "
+                                                          "the first is the baseline")],
+          batch: Annotated[str, typer.Option("--batch", help="batch sizes, comma-separated")] = "1,8,32",
+          size: Annotated[int | None, typer.Option("--size", help="image side (default: the first artifact's "
+                                                   "input size)")] = None,
+          backend: Annotated[str | None, typer.Option("--backend", help="backends to run each artifact on, "
+                                                      "comma-separated: torch,ort,trt (default: its own)")] = None,
+          device: DeviceOpt = None,
+          warmup: Annotated[int, typer.Option("--warmup", help="untimed runs first")] = 3,
+          repeats: Annotated[int, typer.Option("--repeats", help="timed runs per batch size")] = 20,
+          max_seconds: Annotated[float, typer.Option("--max-seconds", help="time budget per artifact and "
+                                                     "batch size (at least 3 runs)")] = 10.0,
+          threads: Annotated[int | None, typer.Option("--threads", help="CPU threads (torch and ONNX "
+                                                      "Runtime alike)")] = None,
+          arch: ArchOpt = None, num_classes: NumClassesOpt = None, trust_pickle: TrustOpt = False,
+          json_out: Annotated[Path | None, typer.Option("--json-out", help="also write the full JSON report "
+                                                        "to this file")] = None,
+          plot: Annotated[Path | None, typer.Option("--plot", help="write a latency/throughput plot "
+                                                    "(.png, .svg or .pdf)")] = None,
+          as_json: JsonOpt = False) -> None:
+    """Latency, throughput, size and memory of artifacts side by side, in one process, on the same inputs."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from repconv import api
+    from repconv.runtime.bench import parse_batches
+
+    batches = parse_batches(batch)
+    backends = [b.strip() for b in backend.split(",") if b.strip()] if backend else None
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   console=err, transient=True)
+    task = bar.add_task("bench", total=None)
+
+    def progress(message: str, done: int, total: int) -> None:
+        bar.start()  # only once measuring begins, so that an early one-line error stays one line
+        bar.update(task, description=message, completed=done, total=total)
+
+    try:
+        report = api.bench(artifacts, batches=batches, size=size, backends=backends, device=device, warmup=warmup,
+                           repeats=repeats, max_seconds=max_seconds, threads=threads, arch=arch,
+                           num_classes=num_classes, trust_pickle=trust_pickle, json_out=json_out, plot=plot,
+                           progress=progress)
+    finally:
+        bar.stop()
+    if as_json:
+        emit_json(report.to_dict())
+    else:
+        _render_bench(report)
+    for path, what in ((json_out, "JSON report"), (plot, "plot")):
+        if path is not None:
+            err.print(f"{what} -> {path}")
+
+
+def _render_bench(report) -> None:
+    base = report.targets[0]
+    models = Table(title=f"Artifacts (baseline: {report.baseline})", title_justify="left")
+    for col in ("artifact", "backend", "dtype", "params", "MACs / image", "file", "peak memory", "load",
+                "max |Δ| vs baseline", "top-1 agree"):
+        models.add_column(col, justify="left" if col in ("artifact", "backend", "dtype") else "right")
+    for r in report.targets:
+        models.add_row(r.label, f"{r.backend} ({r.device})", r.dtype,
+                       human(r.params) if r.params is not None else "-",
+                       human(r.macs) if r.macs is not None else "-", human(r.file_bytes, "B"),
+                       human(r.peak_memory_bytes, "B"), f"{r.load_seconds:.2f}s",
+                       "baseline" if r is base else (f"{r.max_abs_diff_vs_baseline:.2e}"
+                                                     if r.max_abs_diff_vs_baseline is not None else "-"),
+                       "" if r is base else (f"{r.top1_agreement_vs_baseline:.0%}"
+                                             if r.top1_agreement_vs_baseline is not None else "-"))
+    out.print(models)
+    latency = Table(title=f"Latency at {report.options['size']}px, {report.machine['torch_threads']} threads "
+                    f"({report.machine['cpu']}, load {report.machine['load_average'][0]:.1f})"
+                    if report.machine.get("load_average") else "Latency", title_justify="left")
+    for col in ("artifact", "backend", "batch", "median ms", "p90 ms", "images/s", "speed-up"):
+        latency.add_column(col, justify="left" if col in ("artifact", "backend") else "right")
+    for r in report.targets:
+        for t in r.timings:
+            latency.add_row(r.label, r.backend, str(t.batch), f"{t.median_ms:.2f}", f"{t.p90_ms:.2f}",
+                            f"{t.throughput:.1f}", f"{t.speedup:.2f}x" if t.speedup else "-")
+        for b, why in r.skipped.items():
+            latency.add_row(r.label, r.backend, b, "-", "-", "-", f"skipped: {why}")
+    out.print(latency)
+
+
+
+@app.command()
+def report(run_dir: Annotated[Path, typer.Argument(help="run directory holding run.json (e.g. repconv demo --out)")],
+           output: Annotated[Path | None, typer.Option("-o", "--output", help="HTML file to write "
+                                                       "(default RUN_DIR/report.html)")] = None,
+           as_json: JsonOpt = False) -> None:
+    """One self-contained HTML page from a run directory: plan, savings, accuracy, parity, latency."""
+    from repconv import api
+
+    result = api.report(run_dir, output)
+    if as_json:
+        emit_json(result.to_dict())
+    else:
+        _render_stages(result.summary["stages"], None, f"{result.summary['title']}")
+        out.print(f"report: {result.path}")
+
+
+def _render_stages(stages: list[dict], latency: dict[str, float] | None, title: str) -> None:
+    from rich import box
+
+    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD)
+    # with latency (the demo), MACs stay in the report so that the table fits 80 columns
+    counts = ("params", "trainable_params") + (("macs",) if latency is None else ())
+    cols = ["stage", "val acc", "params", "trainable", *(["MACs"] if latency is None else []), "file",
+            *(["ms b1"] if latency is not None else [])]
+    for col in cols:
+        table.add_column(col, justify="left" if col == "stage" else "right", no_wrap=True)
+    for s in stages:
+        row = [s["name"], "-" if s["val_acc"] is None else f"{100 * s['val_acc']:.2f}%",
+               *("-" if s[k] is None else human(s[k]) for k in counts),
+               "-" if s["file_size"] is None else human(s["file_size"], "B")]
+        if latency is not None:
+            ms = latency.get(s["name"])
+            row.append("-" if ms is None else f"{ms:.2f}")
+        table.add_row(*row)
+    out.print(table)
+
+
+@app.command()
+def demo(out_dir: Annotated[Path, typer.Option("--out", help="folder for the artifacts, run.json and "
+                                               "report.html (a trained model there is reused)")] = Path("repconv-demo"),
+         quick: Annotated[bool, typer.Option("--quick", help="fewer epochs and bench runs (CI)")] = False,
+         as_json: JsonOpt = False) -> None:
+    """The whole pipeline offline on the bundled digits data: train, convert, recover, fold, export, bench."""
+    from repconv import api
+
+    result = api.demo(out_dir, quick=quick, progress=True, say=lambda m: err.print(m, markup=False, highlight=False,
+                                                                         soft_wrap=True))
+    summary = result.to_dict()
+    if as_json:
+        emit_json(summary)
+        return
+    _render_stages(summary["stages"], result.latency_b1(), summary["title"])
+    if result.missing:
+        err.print(f"[yellow]not run (missing from this build):[/] {', '.join(result.missing)}")
+    out.print(f"artifacts, run.json and report in {result.out}; open {result.report}", soft_wrap=True)
 
 
 # ---------------------------------------------------------------- entry point
@@ -350,7 +757,7 @@ def main(argv: list[str] | None = None) -> None:
     except RepconvError as exc:
         if debug:
             traceback.print_exc()
-        err.print(f"[red]error:[/] {exc}", soft_wrap=True)
+        err.print(f"[red]error:[/] {escape(str(exc))}", soft_wrap=True)
         sys.exit(2)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)

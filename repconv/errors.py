@@ -76,3 +76,9 @@ class OutputError(RepconvError):
     """An output path that cannot be written."""
 
     kind = "output"
+
+
+class OptionError(RepconvError):
+    """A command-line option or argument value that does not parse or does not fit."""
+
+    kind = "option"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from torch import nn
@@ -9,9 +11,9 @@ from torch import nn
 import repconv
 from repconv.checkpoint import CheckpointMeta, save
 from repconv.models import resolve_arch
-from repconv.train.data import DIGITS_CLASSES, digits
+from repconv.train.data import digits
 
-torch.set_num_threads(2)
+torch.set_num_threads(int(os.environ.get("REPCONV_TEST_THREADS", "2")))  # 1 is faster on a busy machine
 
 
 class Chain(nn.Module):
@@ -51,23 +53,10 @@ DIGITS_ARCH = "cifar_resnet20"
 DIGITS_SIZE = 32
 
 
-def _train_digits_model(epochs: int = 8, seed: int = 0) -> nn.Module:
-    spec = resolve_arch(DIGITS_ARCH)
-    torch.manual_seed(seed)
-    model = spec.build(num_classes=10)
-    train = digits("train", DIGITS_SIZE, spec.mean, spec.std)
-    loader = torch.utils.data.DataLoader(train, batch_size=64, shuffle=True,
-                                         generator=torch.Generator().manual_seed(seed))
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4, nesterov=True)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, 0.1, total_steps=epochs * len(loader))
-    model.train()
-    for _ in range(epochs):
-        for x, y in loader:
-            opt.zero_grad()
-            nn.functional.cross_entropy(model(x), y).backward()
-            opt.step()
-            sched.step()
-    return model.eval()
+def _train_digits_model(output, epochs: int = 6, seed: int = 0):
+    """Train the shared digits checkpoint with repconv's own from-scratch trainer (no replacement)."""
+    return repconv.train(DIGITS_ARCH, data="digits", output=output, replace=False, epochs=epochs, batch_size=64,
+                         lr=0.1, optimizer="sgd", weight_decay=5e-4, warmup_epochs=1, seed=seed)
 
 
 def accuracy(model: nn.Module, split: str = "val") -> float:
@@ -83,17 +72,28 @@ def accuracy(model: nn.Module, split: str = "val") -> float:
 @pytest.fixture(scope="session")
 def digits_checkpoint(tmp_path_factory) -> str:
     """Path of a repconv file holding a cifar_resnet20 trained on digits (>= 95% val accuracy)."""
-    model = _train_digits_model()
-    spec = resolve_arch(DIGITS_ARCH)
-    meta = CheckpointMeta.for_arch(spec, {"num_classes": 10}, class_names=DIGITS_CLASSES)
     path = tmp_path_factory.mktemp("digits") / "digits_resnet20.repconv.safetensors"
-    save(path, model, meta)
+    result = _train_digits_model(path)
+    assert result.val_acc >= 0.95, f"digits fixture reached only {result.val_acc:.1%} validation accuracy"
     return str(path)
 
 
 @pytest.fixture(scope="session")
 def digits_model(digits_checkpoint) -> nn.Module:
     return repconv.load(digits_checkpoint)
+
+
+def export_onnx_for_tests(checkpoint: str, path) -> str:
+    """ONNX of a checkpoint through repconv's own export (legacy exporter: fast; verified; BN kept unfused so
+    that parameter counts match the checkpoint's)."""
+    repconv.export(checkpoint, path, exporter="legacy", fuse_bn=False)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def digits_onnx(digits_checkpoint, tmp_path_factory) -> str:
+    """Path of the digits checkpoint exported to ONNX (fp32, dynamic batch, repconv metadata)."""
+    return export_onnx_for_tests(digits_checkpoint, tmp_path_factory.mktemp("onnx") / "digits_resnet20.onnx")
 
 
 @pytest.fixture
@@ -112,3 +112,24 @@ def run_cli(capsys):
         return code, captured.out, captured.err
 
     return run
+
+
+SMALL_CLASSES = [f"class_{i}" for i in range(10)]
+
+
+@pytest.fixture(scope="session")
+def small_checkpoint(tmp_path_factory) -> str:
+    """A random cifar_resnet20 (10 classes named class_0.., non-trivial BN) as a repconv file: fast to make."""
+    spec = resolve_arch(DIGITS_ARCH)
+    torch.manual_seed(0)
+    model = randomize_bn(spec.build(num_classes=10)).eval()
+    meta = CheckpointMeta.for_arch(spec, {"num_classes": 10}, class_names=SMALL_CLASSES)
+    path = tmp_path_factory.mktemp("small") / "small.repconv.safetensors"
+    save(path, model, meta)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def small_onnx(small_checkpoint, tmp_path_factory) -> str:
+    """``small_checkpoint`` as ONNX (dynamic batch, repconv metadata)."""
+    return export_onnx_for_tests(small_checkpoint, tmp_path_factory.mktemp("small_onnx") / "small.onnx")

@@ -1,4 +1,6 @@
 """Importing this module registers every model repconv defines itself."""
 
-from repconv.models import cifar_resnet  # noqa: F401
-from repconv.models import pf_resnet  # noqa: F401
+from repconv.models import (
+    cifar_resnet,  # noqa: F401
+    pf_resnet,  # noqa: F401
+)

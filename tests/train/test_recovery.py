@@ -1,0 +1,27 @@
+"""The issue's accuracy targets on real data (digits): converted models recover the original's accuracy."""
+
+from __future__ import annotations
+
+import repconv
+
+
+def test_replacement_calibrate_then_distill_norm_within_one_point(digits_checkpoint, digits_calibrated, tmp_path):
+    path, calibration = digits_calibrated
+    teacher_acc = calibration.teacher_val_acc
+    assert teacher_acc >= 0.95
+    r = repconv.finetune(path, teacher=digits_checkpoint, data="digits", objective="distill", train="norm",
+                         epochs=2, batches_per_epoch=12, batch_size=64, lr=1e-2,
+                         output=tmp_path / "rl.repconv.safetensors")
+    assert r.trainable_params < 0.02 * r.total_params  # scalars + norm affine + classifier only
+    assert r.val_acc >= teacher_acc - 0.010, f"recovered {r.val_acc:.2%} vs original {teacher_acc:.2%}"
+
+
+def test_parameter_free_hybrid_then_both_all_within_two_points(digits_checkpoint, digits_calibrated, tmp_path):
+    teacher_acc = digits_calibrated[1].teacher_val_acc
+    conv = repconv.convert(digits_checkpoint, method="parameter-free", pf_policy="hybrid",
+                           output=tmp_path / "pf.repconv.safetensors")
+    assert conv.summary.params_after < conv.summary.params_before
+    r = repconv.finetune(tmp_path / "pf.repconv.safetensors", teacher=digits_checkpoint, data="digits",
+                         objective="both", train="all", epochs=6, batch_size=64, lr=1e-2, warmup_epochs=0.5,
+                         output=tmp_path / "pf_ft.repconv.safetensors")
+    assert r.val_acc >= teacher_acc - 0.020, f"recovered {r.val_acc:.2%} vs original {teacher_acc:.2%}"
