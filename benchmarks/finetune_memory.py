@@ -145,7 +145,7 @@ def main() -> None:
         table.add_row(name, f"{r['trainable_params'] / 1e6:.2f}M", f"{r['peak_mb']:.0f} MB",
                       f"{r['train_mem_mb']:.0f} MB", f"{r['train_mem_vs_full']:.2f}x", f"{r['step_s']:.2f} s",
                       f"{r['step_vs_full']:.2f}x")
-    Console().print(table)
+    Console(width=140).print(table)
     write_text_atomic(args.out, json.dumps(result, indent=2) + "\n")
     err.print(f"target (scalars-only training memory <= 0.6x): {'met' if result['target_met'] else 'NOT met'}; "
               f"wrote {args.out}")

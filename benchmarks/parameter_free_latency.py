@@ -97,9 +97,10 @@ def build_models(size: int) -> dict[str, tuple[nn.Module, dict]]:
     return out
 
 
-def run(quick: bool, threads: int, size: int, batches: list[int], plain: bool = False) -> dict:
+def run(quick: bool, threads: int, size: int, batches: list[int], plain: bool = False,
+        repeats: int | None = None) -> dict:
     torch.set_num_threads(threads)
-    repeats, warmup = (5, 2) if quick else (20, 3)
+    repeats, warmup = repeats or (5 if quick else 20), 2 if quick else 3
     models = build_models(size)
     results: dict = {"models": {}, "config": {"threads": threads, "size": size, "batches": batches,
                                               "repeats": repeats, "warmup": warmup, "quick": quick,
@@ -141,7 +142,7 @@ def run(quick: bool, threads: int, size: int, batches: list[int], plain: bool = 
 
 
 def render(results: dict) -> None:
-    console = Console()
+    console = Console(width=160)
     batches = results["config"]["batches"]
     table = Table(title=f"CPU latency, median ms ({results['config']['threads']} threads, "
                         f"{results['config']['size']}px)", title_justify="left")
@@ -168,9 +169,10 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--plain", action="store_true", help="also time a straightforward ORT graph (unfolded "
                         "export, basic optimizations) to show what the tuned one gains")
+    parser.add_argument("--repeats", type=int, default=None, help="timed runs per model (default 20, quick 5)")
     parser.add_argument("--out", type=Path, default=Path("parameter_free_latency.json"))
     args = parser.parse_args()
-    results = run(args.quick, args.threads, args.size, args.batches, args.plain)
+    results = run(args.quick, args.threads, args.size, args.batches, args.plain, args.repeats)
     render(results)
     write_text_atomic(args.out, json.dumps(results, indent=2))
     Console(stderr=True).print(f"wrote {args.out}")

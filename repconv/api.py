@@ -40,7 +40,7 @@ from repconv.convert.graph import (
 from repconv.convert.plan import Plan
 from repconv.convert.replacement import replaced_units, select_units
 from repconv.errors import ArchError, NothingToReplace, OutputError, PlanError, VerificationError
-from repconv.export.onnx import ExportResult, export_onnx
+from repconv.export.onnx import ExportResult, check_options, export_onnx
 from repconv.export.tensorrt import EngineBuild, EngineOptions
 from repconv.runtime.bench import BenchOptions, BenchReport, Target
 from repconv.runtime.predict import PredictResult
@@ -752,6 +752,7 @@ def export(model: ModelLike | Conversion, output: str | os.PathLike, *, format: 
     """
     if format != "onnx":
         raise PlanError(f"unknown export format '{format}'", "use --format onnx")
+    check_options(output, **options)  # fail fast, before loading and folding
     loaded = _as_loaded(model, arch=arch, num_classes=num_classes, trust_pickle=trust_pickle)
     if replaced_units(loaded.model) or loaded.meta.kind == "converted":
         folded = fold(loaded)
@@ -821,21 +822,24 @@ def engine_plan(source: str | os.PathLike, output: str | os.PathLike, options: E
                       trtexec_command(onnx_path, output, shapes, options, dynamic), first)
 
 
-def build_engine(source: str | os.PathLike, output: str | os.PathLike, options: EngineOptions | None = None
-                 ) -> EngineBuild:
-    """Build a TensorRT engine (+ JSON sidecar) from an ONNX file and verify it against ONNX Runtime.
+def build_engine(source: str | os.PathLike, output: str | os.PathLike, options: EngineOptions | None = None, *,
+                 dtype: str = "fp32", arch: str | None = None, num_classes: int | None = None,
+                 trust_pickle: bool = False, **export_options) -> EngineBuild:
+    """Build a TensorRT engine (+ JSON sidecar) and verify it against ONNX Runtime.
 
-    Needs TensorRT and an NVIDIA GPU; without them a DependencyError says how to get them.
+    ``source`` is an ONNX file, or a checkpoint that is first exported (``export``, with ``dtype`` and
+    ``export_options``) to ``output`` with the suffix ``.onnx``. Needs TensorRT and an NVIDIA GPU; without
+    them a DependencyError says how to get them, before anything is written.
     """
-    from repconv.errors import InputFileError
     from repconv.export.tensorrt import build_engine as _build
     from repconv.runtime.tensorrt import require_tensorrt
 
     require_tensorrt("building a TensorRT engine")
     if artifact_backend(source) != "ort":
-        raise InputFileError(f"'{source}' is not an ONNX file; engines are built from the exported ONNX",
-                             f"run `repconv export {source} --format onnx -o MODEL.onnx` first, then "
-                             "`repconv export MODEL.onnx --format engine -o MODEL.engine`")
+        onnx_path = Path(output).with_suffix(".onnx")
+        export(source, onnx_path, dtype=dtype, arch=arch, num_classes=num_classes, trust_pickle=trust_pickle,
+               **export_options)
+        source = onnx_path
     return _build(source, output, options)
 
 
@@ -846,18 +850,17 @@ def bench(artifacts: Sequence[str | os.PathLike], *, batches: Sequence[int] = (1
           plot: str | os.PathLike | None = None, progress=None) -> BenchReport:
     """Measure artifacts side by side in this process; the first one is the baseline of every ratio.
 
-    Each artifact runs on every backend in ``backends`` that can run it (torch: checkpoints; ort: ONNX;
-    trt: engines, and ONNX files through a temporary engine when TensorRT is present); by default on
-    its own backend. ``json_out`` / ``plot`` are written at the end (checked for writability first).
+    Each artifact runs on every backend in ``backends`` that can run it, by default on its own: a checkpoint on
+    torch, and on ort / trt through a temporary export (``export``, then ``build_engine``); an ONNX file on
+    ort, and on trt through a temporary engine; an engine on trt. ``json_out`` / ``plot`` are written at the
+    end (their folders are checked first).
     """
     import json
-    import tempfile
 
     from repconv.checkpoint import check_output_path, write_text_atomic
-    from repconv.errors import InputFileError, OptionError
-    from repconv.runtime.bench import plot_report, run_bench
+    from repconv.errors import OptionError
+    from repconv.runtime.bench import plot_report
     from repconv.runtime.session import BACKENDS
-    from repconv.runtime.tensorrt import require_tensorrt
 
     options = BenchOptions(tuple(batches), size, warmup, repeats, max_seconds, device, threads)
     options.validate()
@@ -871,8 +874,29 @@ def bench(artifacts: Sequence[str | os.PathLike], *, batches: Sequence[int] = (1
     unknown = [b for b in backends or () if b not in BACKENDS]
     if unknown:
         raise OptionError(f"unknown backend {', '.join(unknown)}", f"choose from {','.join(BACKENDS)}")
+    previous_threads = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
+    try:
+        report = _bench_targets(artifacts, options, backends, device, arch, num_classes, trust_pickle, threads,
+                                progress)
+    finally:
+        torch.set_num_threads(previous_threads)
+    if json_out is not None:
+        write_text_atomic(json_out, json.dumps(report.to_dict(), indent=2) + "\n")
+    if plot is not None:
+        plot_report(report, Path(plot))
+    return report
+
+
+def _bench_targets(artifacts, options, backends, device, arch, num_classes, trust_pickle, threads, progress
+                   ) -> BenchReport:
+    import tempfile
+
+    from repconv.errors import InputFileError, OptionError
+    from repconv.runtime.bench import run_bench
+    from repconv.runtime.tensorrt import require_tensorrt
+
     with tempfile.TemporaryDirectory(prefix="repconv-bench-") as scratch:
         targets = []
         for artifact in artifacts:
@@ -880,24 +904,27 @@ def bench(artifacts: Sequence[str | os.PathLike], *, batches: Sequence[int] = (1
             if not path.is_file():
                 raise InputFileError(f"'{path}' does not exist or is not a file", "check the artifact paths")
             natural = artifact_backend(path)
-            chosen = [b for b in (backends or [natural]) if b == natural or (natural, b) == ("ort", "trt")]
+            chosen = [b for b in (backends or [natural]) if b == natural or (natural, b) in _DERIVED]
             if "trt" in chosen:  # refuse now, not after measuring the artifacts before this one
                 require_tensorrt(f"benchmarking '{path.name}' with TensorRT")
             if not chosen:
-                raise OptionError(f"'{path}' runs on the {natural} backend, which --backend "
-                                  f"{','.join(backends)} leaves out", f"add {natural} to --backend")
+                raise OptionError(f"'{path}' is a TensorRT engine, which --backend {','.join(backends)} leaves out",
+                                  "add trt to --backend")
             for b in chosen:
-                run_path = path
-                if (natural, b) == ("ort", "trt"):
-                    run_path = build_engine(path, Path(scratch) / f"{path.stem}.engine").engine
-                targets.append(Target(path.name, run_path, b, _opener(run_path, b, device, arch, num_classes,
-                                                                      trust_pickle, threads)))
-        report = run_bench(targets, options, progress)
-    if json_out is not None:
-        write_text_atomic(json_out, json.dumps(report.to_dict(), indent=2) + "\n")
-    if plot is not None:
-        plot_report(report, Path(plot))
-    return report
+                run_path, label = path, path.name
+                if natural == "torch" and b != "torch":  # export it, as `repconv export` would
+                    run_path, label = Path(scratch) / f"{path.stem}.onnx", f"{path.name} -> onnx"
+                    if not run_path.exists():
+                        export(path, run_path, arch=arch, num_classes=num_classes, trust_pickle=trust_pickle)
+                if b == "trt" and natural != "trt":
+                    run_path = build_engine(run_path, Path(scratch) / f"{path.stem}.engine").engine
+                    label = f"{path.name} -> engine"
+                targets.append(Target(label, run_path, b, _opener(run_path, b, device, arch, num_classes,
+                                                                  trust_pickle, threads)))
+        return run_bench(targets, options, progress)
+
+
+_DERIVED = {("torch", "ort"), ("torch", "trt"), ("ort", "trt")}  # (artifact's backend, backend it can run on)
 
 
 def _opener(path: Path, backend: str, device, arch, num_classes, trust_pickle, threads):

@@ -516,8 +516,12 @@ def export(model: ModelArg,
         raise click.BadParameter(f"--format must be onnx or engine, not {fmt!r}")
     if fmt == "engine":
         options = _engine_options(min_batch, opt_batch, max_batch, workspace, timing_cache, opt_level, verify)
+        onnx_options = dict(opset=opset, dynamic_batch=not static, batch_size=batch_size, exporter=exporter,
+                            simplify=simplify, verify=verify, calib=calib,
+                            calib_size=calib_size, check_images=check_images, fuse_bn=fuse_bn, ort_level=ort_level,
+                            min_agreement=min_agreement)  # used when MODEL is a checkpoint: ONNX first
         _export_engine(model, output, options, print_trtexec, dtype=dtype, arch=arch, num_classes=num_classes,
-                       trust_pickle=trust_pickle, as_json=as_json)
+                       trust_pickle=trust_pickle, as_json=as_json, onnx_options=onnx_options)
         return
     with err.status("exporting") as status:
         result = api.export(model, output, arch=arch, num_classes=num_classes,
@@ -532,7 +536,7 @@ def export(model: ModelArg,
 
 
 def _export_engine(model: Path, output: Path, options, print_trtexec: bool, *, dtype: str, arch: str | None,
-                   num_classes: int | None, trust_pickle: bool, as_json: bool) -> None:
+                   num_classes: int | None, trust_pickle: bool, as_json: bool, onnx_options: dict) -> None:
     """`repconv export --format engine`: build (or, with --print-trtexec, describe) a TensorRT engine."""
     from repconv import api
 
@@ -546,7 +550,9 @@ def _export_engine(model: Path, output: Path, options, print_trtexec: bool, *, d
             err.print(f"first write the ONNX: {plan.to_dict()['onnx_first']}", soft_wrap=True)
         sys.stdout.write(plan.to_dict()["command"] + "\n")
         return
-    build = api.build_engine(model, output, options)
+    with err.status("building the TensorRT engine"):
+        build = api.build_engine(model, output, options, dtype=dtype, arch=arch, num_classes=num_classes,
+                                 trust_pickle=trust_pickle, **onnx_options)
     if as_json:
         emit_json(build.to_dict())
         return
@@ -627,17 +633,21 @@ def bench(artifacts: Annotated[list[Path], typer.Argument(help="checkpoints, .on
 
     batches = parse_batches(batch)
     backends = [b.strip() for b in backend.split(",") if b.strip()] if backend else None
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=err, transient=True) as bar:
-        task = bar.add_task("bench", total=None)
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   console=err, transient=True)
+    task = bar.add_task("bench", total=None)
 
-        def progress(message: str, done: int, total: int) -> None:
-            bar.update(task, description=message, completed=done, total=total)
+    def progress(message: str, done: int, total: int) -> None:
+        bar.start()  # only once measuring begins, so that an early one-line error stays one line
+        bar.update(task, description=message, completed=done, total=total)
 
+    try:
         report = api.bench(artifacts, batches=batches, size=size, backends=backends, device=device, warmup=warmup,
                            repeats=repeats, max_seconds=max_seconds, threads=threads, arch=arch,
                            num_classes=num_classes, trust_pickle=trust_pickle, json_out=json_out, plot=plot,
                            progress=progress)
+    finally:
+        bar.stop()
     if as_json:
         emit_json(report.to_dict())
     else:

@@ -18,6 +18,7 @@ freshly built model (the pass never reads weights except to initialise a token m
 
 from __future__ import annotations
 
+import copy
 import fnmatch
 import math
 from collections.abc import Iterable, Sequence
@@ -324,11 +325,15 @@ def _delete_unused(gm: fx.GraphModule, paths: Iterable[str]) -> None:
 
 def _apply_avgpool_conv(gm: fx.GraphModule, step: ParameterFreeStep) -> None:
     node = _single_call(gm, step)
+    # count_include_pad=False: same values (no padding), and ONNX Runtime keeps the NCHWc layout around it
     with gm.graph.inserting_before(node):
         pooled = gm.graph.call_function(F.avg_pool2d, (node.args[0], step.kernel, step.stride, step.padding),
-                                        {"ceil_mode": True})
+                                        {"ceil_mode": True, "count_include_pad": False})
     node.args = (pooled, *node.args[1:])
-    gm.get_submodule(step.target).stride = (1, 1)
+    conv = copy.copy(gm.get_submodule(step.target))  # shares the weights; the traced model's conv keeps its stride
+    conv._parameters, conv._buffers = dict(conv._parameters), dict(conv._buffers)
+    conv.stride = (1, 1)
+    gm.set_submodule(step.target, conv)
 
 
 def _attention_region(gm: fx.GraphModule, path: str) -> tuple[list[fx.Node], fx.Node, list[fx.Node]]:

@@ -46,7 +46,7 @@ class PfBottleneck(nn.Module):
         identity = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(x)))
         if self.keeps_conv:
-            out = F.avg_pool2d(out, self.stride, self.stride, 0, ceil_mode=True)
+            out = F.avg_pool2d(out, self.stride, self.stride, 0, ceil_mode=True, count_include_pad=False)
             out = self.relu(self.bn2(self.conv2(out)))
         else:
             out = self.conv2(out)

@@ -15,7 +15,8 @@ from typing import Any
 from repconv.checkpoint import CheckpointMeta
 from repconv.models import IMAGENET_MEAN, IMAGENET_STD
 
-# ONNX metadata_props written by repconv.export.onnx: "repconv.<key>", lists as JSON text (docs/export.md).
+# ONNX metadata_props written by repconv.export.onnx (metadata_props): "repconv.<key>", lists as JSON text
+# (docs/export.md). Read here without importing export: runtime sits below it.
 ONNX_PREFIX = "repconv."
 ONNX_KEYS = ("repconv_version", "arch", "plan_digest", "input_size", "mean", "std", "class_names", "dtype")
 
@@ -48,8 +49,6 @@ class ArtifactInfo:
                         kind: str = "onnx") -> ArtifactInfo:
         """From ONNX ``metadata_props``; falls back to the graph's input shape when the size is absent."""
         values = {k.removeprefix(ONNX_PREFIX): _parse(v) for k, v in props.items()}
-        if isinstance(values.get("repconv"), dict):  # a whole CheckpointMeta under one key
-            values = {**values["repconv"], **{k: v for k, v in values.items() if k != "repconv"}}
         size = values.get("input_size")
         if size is None and input_shape and all(isinstance(d, int) for d in input_shape[1:]):
             size = input_shape[1:]
@@ -64,18 +63,8 @@ class ArtifactInfo:
             info.class_names = [str(c) for c in values["class_names"]]
         info.arch = values.get("arch")
         info.dtype = str(values.get("dtype") or "fp32")
-        info.extra = {k: v for k, v in values.items() if k not in ONNX_KEYS and k != "repconv"}
+        info.extra = {k: v for k, v in values.items() if k not in ONNX_KEYS}
         return info
-
-
-def onnx_props(meta: CheckpointMeta, dtype: str = "fp32") -> dict[str, str]:
-    """The input-contract subset of the ``metadata_props`` repconv.export.onnx writes (same keys, same format)."""
-    plan_digest = meta.plan.digest() if meta.plan is not None and meta.plan.steps else ""
-    values = {"repconv_version": meta.repconv_version, "arch": meta.arch or "", "plan_digest": plan_digest,
-              "input_size": json.dumps(list(meta.input_size)), "mean": json.dumps(list(meta.mean)),
-              "std": json.dumps(list(meta.std)),
-              "class_names": json.dumps(meta.class_names) if meta.class_names else "", "dtype": dtype}
-    return {ONNX_PREFIX + k: v for k, v in values.items()}
 
 
 def _parse(value: str) -> Any:

@@ -93,7 +93,7 @@ def test_resnet50_hybrid_keeps_pretrained_conv_after_avgpool(resnet50):
     assert [t for t, f in forms.items() if f == "avgpool_conv"] == ["layer2.0.conv2", "layer3.0.conv2",
                                                                    "layer4.0.conv2"]
     assert sum(f == "pool" for f in forms.values()) == 13
-    gm = apply_parameter_free(trace(copy.deepcopy(resnet50)), steps)
+    gm = apply_parameter_free(trace(resnet50), steps)
     conv = gm.get_submodule("layer3.0.conv2")
     assert isinstance(conv, nn.Conv2d) and conv.stride == (1, 1)
     assert torch.equal(conv.weight, resnet50.layer3[0].conv2.weight)  # the pretrained weights, untouched

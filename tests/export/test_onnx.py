@@ -65,12 +65,16 @@ CI_SUBSET = ["resnet34", "resnet50", "mobilenet_v3_small", "efficientnet_b0", "c
              "vit_b_16"]
 
 
-def convert_fold_export(name: str, tmp_path, size: int, exporter: str = "legacy"):
+def convert_fold_export(name: str, tmp_path, size: int, exporter: str = "legacy", simplify: bool = True):
     """Replacement convert -> fold -> ONNX; the folded weights also load strictly into the torchvision class."""
     spec = resolve_arch(name)
     kwargs = {"image_size": size} if name.startswith("vit_") else {}
     torch.manual_seed(0)
     model = randomize_bn(spec.build(**kwargs)).eval()
+    with torch.no_grad():  # zero-initialized heads (ViT) would make every logit 0 and parity vacuous
+        for p in model.parameters():
+            if p.ndim > 1 and not p.any():
+                p.normal_(std=0.02)
     meta = CheckpointMeta.for_arch(spec, kwargs)
     meta.input_size = (3, size, size)
     try:
@@ -84,15 +88,16 @@ def convert_fold_export(name: str, tmp_path, size: int, exporter: str = "legacy"
         x = torch.randn(2, 3, size, size)
         with torch.no_grad():
             assert torch.equal(plain(x), source.model(x))
-    result = api.export(source, tmp_path / f"{name}.onnx", exporter=exporter)
+    result = api.export(source, tmp_path / f"{name}.onnx", exporter=exporter, simplify=simplify)
     assert result.checks and all(c.passed for c in result.checks)
-    assert result.parity["max_abs"] <= 1e-4
+    assert result.parity["max_abs"] <= 1e-4 or result.parity["max_rel"] <= 1e-4
     return result
 
 
 @pytest.mark.parametrize("name", CI_SUBSET)
 def test_torchvision_ci_subset(name, tmp_path):
-    convert_fold_export(name, tmp_path, size=64 if not name.startswith("vit_") else 32)
+    # onnxslim is exercised by the digits tests; skipping it here saves a third of the time
+    convert_fold_export(name, tmp_path, size=64 if not name.startswith("vit_") else 32, simplify=False)
 
 
 ALL = torchvision.models.list_models(module=torchvision.models)

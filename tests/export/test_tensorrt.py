@@ -184,13 +184,15 @@ def test_engine_without_tensorrt_is_refused_clearly(tmp_path):
         open_session(engine, device="cpu")
 
 
-def test_export_engine_cli_without_tensorrt(run_cli, small_onnx, tmp_path):
+def test_export_engine_cli_without_tensorrt(run_cli, small_onnx, small_checkpoint, tmp_path):
     if not NO_TRT:
         pytest.skip("TensorRT and a GPU are present: the missing-dependency path does not apply")
     target = tmp_path / "m.engine"
     code, _out, err = run_cli("export", small_onnx, "--format", "engine", "-o", target)
     assert code == 2 and "pip install 'repconv[tensorrt]'" in err and "NVIDIA GPU" in err
     assert len(err.strip().splitlines()) == 1 and list(tmp_path.iterdir()) == []
+    code, _out, err = run_cli("export", small_checkpoint, "--format", "engine", "-o", target)  # no ONNX either
+    assert code == 2 and "pip install 'repconv[tensorrt]'" in err and list(tmp_path.iterdir()) == []
 
 
 def test_print_trtexec_cli(run_cli, small_onnx, small_checkpoint, tmp_path):

@@ -94,7 +94,10 @@ def test_bench_bad_input(tmp_path, small_checkpoint, small_onnx):
     with pytest.raises(OptionError, match="image suffix"):
         api.bench([small_checkpoint], plot=tmp_path / "plot.txt", **FAST)
     with pytest.raises(OptionError, match="leaves out"):
-        api.bench([small_onnx], backends=["torch"], **FAST)
+        engine = tmp_path / "x.engine"
+        engine.write_bytes(b"x")
+        api.bench([engine], backends=["torch", "ort"], **FAST)
+    engine.unlink()
     with pytest.raises(OptionError, match="unknown backend"):
         api.bench([small_onnx], backends=["tf"], **FAST)
     bad = tmp_path / "bad.onnx"
@@ -102,6 +105,15 @@ def test_bench_bad_input(tmp_path, small_checkpoint, small_onnx):
     with pytest.raises(InputFileError, match="not a readable ONNX"):
         api.bench([bad], **FAST)
     assert not list(tmp_path.glob("*.json")) and not list(tmp_path.glob(".*part"))
+
+
+def test_bench_exports_a_checkpoint_for_the_ort_backend(small_checkpoint):
+    rep = api.bench([small_checkpoint], backends=["torch", "ort"], batches=(2,), **FAST)
+    torch_t, ort_t = rep.targets
+    assert (torch_t.backend, ort_t.backend) == ("torch", "ort") and ort_t.label.endswith("-> onnx")
+    assert ort_t.path.endswith(".onnx") and ort_t.file_bytes > 0
+    assert ort_t.max_abs_diff_vs_baseline < 1e-4 and ort_t.top1_agreement_vs_baseline == 1.0
+    assert ort_t.macs == pytest.approx(torch_t.macs, rel=0.02)  # BN fused by export: MACs stay
 
 
 def test_bench_tensorrt_targets_are_refused_up_front_without_tensorrt(tmp_path, small_checkpoint, small_onnx):

@@ -24,7 +24,7 @@ def test_calibration_beats_half_init(digits_converted, digits_calibrated, digits
     assert result.val_acc > half + 0.05, f"calibrated {result.val_acc:.1%} vs half {half:.1%}"
     assert result.kl_after < result.kl_before
     scal = replaced_units(calibrated)["layer1.1"]
-    assert (float(scal.a), float(scal.b)) == pytest.approx((result.units[0]["a"], result.units[0]["b"]))
+    assert (scal.a.item(), scal.b.item()) == pytest.approx((result.units[0]["a"], result.units[0]["b"]))
     assert (result.units[0]["a"], result.units[0]["b"]) != (0.5, 0.5)
 
 
