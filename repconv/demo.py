@@ -156,10 +156,16 @@ def _original(run: RunRecord, out: Path, cfg: DemoConfig, step, progress: bool) 
             loaded = api.load_checkpoint(path)
             acc = _torch_accuracy(loaded.model, _val_set(loaded.meta))
         note = [f"trained from scratch for {trained.epochs} epochs; final train loss {trained.train_loss:.4f}"]
+        _drop_resume_state(path)
     params = count_params(loaded.model)
     run.add(Stage("original", "model", None, _rel(out, path), _size(path), acc, params, params,
                   _macs(loaded.model, loaded.meta), [], t["seconds"], note))
     return path
+
+
+def _drop_resume_state(path: Path) -> None:
+    """Training writes OUTPUT.state.pt to resume from; the demo keeps only its artifacts (and metrics)."""
+    Path(f"{path}.state.pt").unlink(missing_ok=True)
 
 
 def _convert(run: RunRecord, out: Path, original: Path, name: str, step, **options) -> tuple[Path, Any]:
@@ -200,8 +206,7 @@ def _finetune(run: RunRecord, out: Path, source: Path, original: Path, name: str
     run.add(Stage(name, "finetuned", method, _rel(out, path), _size(path), res.val_acc, res.total_params,
                   res.trainable_params, prev.macs, [], t["seconds"],
                   [f"{res.epochs} epochs, objective {res.objective}, trained: {res.train}"]))
-    for extra in (Path(f"{path}.state.pt"),):
-        extra.unlink(missing_ok=True)  # resume state: not an artifact of the demo
+    _drop_resume_state(path)
     return path
 
 
