@@ -1,26 +1,22 @@
 """CPU latency of torchvision resnet50 against its parameter-free conversions (``all`` = R50-max, ``hybrid``).
 
 All models are measured in ONE run, so the speed-up ratios compare numbers taken under the same load.
-Runtimes: torch eager (BN folded into the convs) and ONNX Runtime (BN folded before export, all graph
-optimizations, NCHWc layout). The FLOP ratios bound the speed-ups: 4.09 / 2.24 = 1.83x (all) and
-4.09 / 2.59 = 1.58x (hybrid).
+Runtimes: torch eager (BN folded into the convs) and ONNX Runtime (the project's verified export with conv+BN
+fused and onnxslim; session at ORT_ENABLE_ALL: NCHWc layout, conv+activation fusion). The FLOP ratios
+bound the speed-ups: 4.09 / 2.24 = 1.83x (all) and 4.09 / 2.59 = 1.58x (hybrid).
 
     PYTHONPATH=. python benchmarks/parameter_free_latency.py [--quick] [--out FILE.json]
 
-Export: the deploy helper's ``repconv.export.onnx.export_onnx`` is not on main yet, so this script exports with
-``torch.onnx.export`` directly in ``export_onnx_for_bench``; switch it to the project's export API once merged.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import platform
 import statistics
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -32,38 +28,20 @@ from rich.table import Table
 from torch import nn
 
 from repconv import api
-from repconv.checkpoint import write_text_atomic
+from repconv.checkpoint import CheckpointMeta, write_text_atomic
+from repconv.convert.fold import fuse_conv_bn
+from repconv.export.onnx import export_onnx, ort_session
+from repconv.models import resolve_arch
 
 POLICIES = ("all", "hybrid")
 FLOP_LIMIT = {"all": 4.09 / 2.24, "hybrid": 4.09 / 2.59}
 TARGET = {"all": 1.8, "hybrid": 1.5}
 
 
-def fold_bn(model: nn.Module) -> nn.Module:
-    """Conv + BN pairs fused (torch.fx.experimental.optimization.fuse, built on torch.nn.utils.fusion)."""
-    from torch.fx.experimental.optimization import fuse
-
-    return fuse(copy.deepcopy(model).eval())
-
-
-def export_onnx_for_bench(model: nn.Module, path: Path, size: int) -> Path:
-    x = torch.randn(2, 3, size, size)
-    with warnings.catch_warnings():  # the legacy exporter: fast and stable for these plain CNNs
-        warnings.simplefilter("ignore", DeprecationWarning)
-        torch.onnx.export(model, (x,), str(path), input_names=["input"], output_names=["logits"], opset_version=17,
-                          dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False)
-    return path
-
-
-def ort_session(path: Path, threads: int, level: str = "all") -> ort.InferenceSession:
-    """``all``: every graph optimization, including NCHWc layout transforms and conv+activation fusion."""
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = {"all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-                                     "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC}[level]
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+def export_for_bench(model: nn.Module, path: Path, tuned: bool) -> Path:
+    """The project's verified export. tuned: conv+BN fused and onnxslim; otherwise the straightforward graph."""
+    meta = CheckpointMeta.for_arch(resolve_arch("resnet50"))
+    return export_onnx(model, path, meta=meta, exporter="legacy", fuse_bn=tuned, simplify=tuned).path
 
 
 def interleaved_medians(fns: dict[str, callable], repeats: int, warmup: int) -> dict[str, float]:
@@ -104,7 +82,7 @@ def run(quick: bool, threads: int, size: int, batches: list[int], plain: bool = 
     models = build_models(size)
     results: dict = {"models": {}, "config": {"threads": threads, "size": size, "batches": batches,
                                               "repeats": repeats, "warmup": warmup, "quick": quick,
-                                              "ort": "BN folded before export, ORT_ENABLE_ALL, sequential",
+                                              "ort": "export_onnx (conv+BN fused, onnxslim), ORT_ENABLE_ALL",
                                               "ort_plain": "unfolded export, ORT_ENABLE_BASIC" if plain else None,
                                               "torch": torch.__version__, "onnxruntime": ort.__version__,
                                               "cpu": platform.processor() or platform.machine()}}
@@ -113,15 +91,15 @@ def run(quick: bool, threads: int, size: int, batches: list[int], plain: bool = 
         runtimes = ("torch", "ort", "ort_plain") if plain else ("torch", "ort")
         runners: dict[str, dict[str, callable]] = {f"{rt}_b{b}_ms": {} for rt in runtimes for b in batches}
         for name, (model, counts) in models.items():
-            folded = fold_bn(model)
+            folded, _ = fuse_conv_bn(model)
             with torch.no_grad():
                 reference = model(x[:2])
                 parity = float((folded(x[:2]) - reference).abs().max())
-            session = ort_session(export_onnx_for_bench(folded, Path(tmp) / f"{name}.onnx", size), threads)
+            session = ort_session(export_for_bench(model, Path(tmp) / f"{name}.onnx", True), "all", threads)
             ort_parity = float(np.abs(session.run(None, {"input": x[:2].numpy()})[0] - reference.numpy()).max())
             results["models"][name] = {**counts, "fold_max_abs_diff": parity, "onnx_max_abs_diff": ort_parity}
-            plain_session = ort_session(export_onnx_for_bench(model, Path(tmp) / f"{name}-plain.onnx", size), threads,
-                                        "basic") if plain else None
+            plain_session = ort_session(export_for_bench(model, Path(tmp) / f"{name}-plain.onnx", False), "basic",
+                                        threads) if plain else None
             for b in batches:
                 xb, feed = x[:b].contiguous(), {"input": x[:b].numpy()}
                 runners[f"torch_b{b}_ms"][name] = lambda m=folded, xb=xb: _no_grad(m, xb)
