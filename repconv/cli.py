@@ -626,20 +626,20 @@ def bench(artifacts: Annotated[list[Path], typer.Argument(help="checkpoints, .on
                                                     "(.png, .svg or .pdf)")] = None,
           as_json: JsonOpt = False) -> None:
     """Latency, throughput, size and memory of artifacts side by side, in one process, on the same inputs."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     from repconv import api
     from repconv.runtime.bench import parse_batches
 
     batches = parse_batches(batch)
     backends = [b.strip() for b in backend.split(",") if b.strip()] if backend else None
-    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                   console=err, transient=True)
-    task = bar.add_task("bench", total=None)
+    bar = Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=err,
+                   transient=True)
+    task = bar.add_task("bench")
 
-    def progress(message: str, done: int, total: int) -> None:
+    def progress(message: str) -> None:
         bar.start()  # only once measuring begins, so that an early one-line error stays one line
-        bar.update(task, description=message, completed=done, total=total)
+        bar.update(task, description=message)
 
     try:
         report = api.bench(artifacts, batches=batches, size=size, backends=backends, device=device, warmup=warmup,

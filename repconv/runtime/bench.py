@@ -214,7 +214,7 @@ def time_runs(session: Session, x: np.ndarray, warmup: int, repeats: int, max_se
 
 
 InputsFor = Callable[[Session], dict[int, np.ndarray]]
-Progress = Callable[[str, int, int], None]  # (what, done, total), called before each (target, batch) measurement
+Progress = Callable[[str], None]  # called before each (target, batch) measurement: "[3/6] name [ort] batch 8"
 
 
 def bench_target(target: Target, inputs_for: InputsFor, options: BenchOptions,
@@ -278,9 +278,9 @@ def run_bench(targets: Sequence[Target], options: BenchOptions, progress: Progre
     total, done = len(targets) * len(options.batches), [0]
 
     def step(message: str) -> None:
-        if progress:
-            progress(message, done[0], total)
         done[0] += 1
+        if progress:
+            progress(f"[{done[0]}/{total}] {message}")
 
     results: list[TargetResult] = []
     reference = None

@@ -16,8 +16,11 @@ FAST = dict(warmup=1, repeats=3, max_seconds=2.0, threads=1)
 @pytest.fixture(scope="module")
 def report(small_checkpoint, small_onnx, tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
+    messages = []
     rep = api.bench([small_checkpoint, small_onnx], batches=(1, 3), json_out=out / "bench.json",
-                    plot=out / "bench.png", **FAST)
+                    plot=out / "bench.png", progress=messages.append, **FAST)
+    assert messages == ["[1/4] small.repconv.safetensors [torch] batch 1", "[2/4] small.repconv.safetensors "
+                        "[torch] batch 3", "[3/4] small.onnx [ort] batch 1", "[4/4] small.onnx [ort] batch 3"]
     return rep, out
 
 
