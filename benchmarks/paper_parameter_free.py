@@ -187,7 +187,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     result: dict = {"config": {k: v for k, v in vars(args).items() if k != "out"}, "machine": machine(args.threads)}
-    models = {k: v for f in args.families for k, v in conversions(f).items()}
+    needs_models = {"counts", "latency"} & set(args.parts)
+    models = {k: v for f in args.families for k, v in conversions(f).items()} if needs_models else {}
     if "counts" in args.parts:
         result["counts"] = counts(models)
     if "latency" in args.parts:

@@ -24,6 +24,8 @@ from paper_common import err, finish, machine, mean_std, run_fresh
 from rich.console import Console
 from rich.table import Table
 
+from repconv.checkpoint import write_text_atomic
+
 MODES = {"end-to-end": False, "replace-every-2": True}
 
 
@@ -79,7 +81,7 @@ def render(result: dict) -> None:
                           f"{s['train_mem_mb']['mean']:.0f} MB",
                           f"{s['train_mem_mb']['mean'] / base['train_mem_mb']['mean']:.2f}x",
                           f"{s['epoch_s']['mean']:.1f}", f"{s['epoch_s']['mean'] / base['epoch_s']['mean']:.2f}x")
-    Console().print(table)
+    Console(width=160).print(table)
 
 
 def main() -> None:
@@ -118,9 +120,11 @@ def main() -> None:
                                            "batches_per_epoch": args.batches_per_epoch, "threads": args.threads})
                 runs.append(run)
                 result["runs"].append({"arch": arch, "mode": mode, "seed": seed, **run})
+                write_text_atomic(args.out.with_suffix(".partial.json"), json.dumps(result, indent=2))
             result["models"][arch][mode] = summarize(runs)
     render(result)
     finish(result, args.out, started)
+    args.out.with_suffix(".partial.json").unlink(missing_ok=True)
 
 
 if __name__ == "__main__":
