@@ -110,18 +110,17 @@ def main() -> None:
     config["schedule"] = "repconv.train defaults: SGD nesterov momentum 0.9, wd 5e-4, cosine, 1 warmup epoch"
     result = {"config": config, "machine": machine(args.threads), "models": {}, "runs": []}
     for arch in args.archs:
-        result["models"][arch] = {}
-        for mode, replace in MODES.items():
-            runs = []
-            for seed in args.seeds:
+        runs: dict[str, list[dict]] = {mode: [] for mode in MODES}
+        for seed in args.seeds:  # modes alternate, so a partial result compares like with like
+            for mode, replace in MODES.items():
                 err.print(f"training {arch} {mode} seed {seed} (fresh process)")
                 run = run_fresh(__file__, {"arch": arch, "replace": replace, "seed": seed, "epochs": args.epochs,
                                            "batch_size": args.batch_size, "lr": args.lr, "size": args.size,
                                            "batches_per_epoch": args.batches_per_epoch, "threads": args.threads})
-                runs.append(run)
+                runs[mode].append(run)
                 result["runs"].append({"arch": arch, "mode": mode, "seed": seed, **run})
+                result["models"][arch] = {m: summarize(r) for m, r in runs.items() if r}
                 write_text_atomic(args.out.with_suffix(".partial.json"), json.dumps(result, indent=2))
-            result["models"][arch][mode] = summarize(runs)
     render(result)
     finish(result, args.out, started)
     args.out.with_suffix(".partial.json").unlink(missing_ok=True)
