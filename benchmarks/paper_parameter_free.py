@@ -18,6 +18,7 @@ Three parts (``--parts``, default all):
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 import time
 from pathlib import Path
@@ -30,6 +31,7 @@ from rich.console import Console
 from rich.table import Table
 
 import repconv
+from repconv.checkpoint import write_text_atomic
 
 FAMILIES = ("resnet50", "mobilenet_v2", "efficientnet_b0")
 POLICIES = ("all", "hybrid")
@@ -96,15 +98,18 @@ def latency(models: dict, size: int, batches: list[int], repeats: int, warmup: i
 
 
 def accuracy(arch: str, size: int, pretrain_epochs: int, finetune_epochs: int, batches_per_epoch: int | None,
-             batch_size: int, lr: float) -> dict:
-    """Train ``arch`` on digits, then fine-tune it and each parameter-free conversion for the same epochs."""
-    out: dict = {"arch": arch, "input_size": size}
+             batch_size: int, lr: float, out: dict, on_progress=lambda: None) -> dict:
+    """Train ``arch`` on digits, then fine-tune it and each parameter-free conversion for the same epochs.
+
+    Fills ``out`` as it goes (the caller writes it as a partial result)."""
+    out |= {"arch": arch, "input_size": size}
     with tempfile.TemporaryDirectory() as tmp:
         original = Path(tmp) / "original.safetensors"
         err.print(f"training {arch} on digits at {size}px for {pretrain_epochs} epochs")
         res = repconv.train(arch, data="digits", output=original, replace=False, epochs=pretrain_epochs,
                             batch_size=batch_size, batches_per_epoch=batches_per_epoch, input_size=size)
         out["original"] = {"val_acc": res.val_acc, "params": res.params}
+        on_progress()
         forms = {"original": original}
         for policy in POLICIES:
             conv = repconv.convert(original, method="parameter-free", pf_policy=policy,
@@ -118,6 +123,7 @@ def accuracy(arch: str, size: int, pretrain_epochs: int, finetune_epochs: int, b
                                   objective="ce", epochs=finetune_epochs, lr=lr, optimizer="adamw",
                                   batch_size=batch_size, batches_per_epoch=batches_per_epoch)
             out[form]["val_acc_finetuned"] = ft.val_acc
+            on_progress()
     return out
 
 
@@ -194,11 +200,15 @@ def main() -> None:
     if "latency" in args.parts:
         result["latency"] = latency(models, args.size, args.batches, args.repeats, args.warmup, args.threads)
     if "accuracy" in args.parts:
-        result["accuracy"] = [accuracy(a, args.acc_size, args.pretrain_epochs, args.finetune_epochs,
-                                       args.batches_per_epoch, args.batch_size, args.finetune_lr)
-                              for a in args.acc_archs]
+        result["accuracy"] = []
+        for arch in args.acc_archs:
+            result["accuracy"].append({})
+            accuracy(arch, args.acc_size, args.pretrain_epochs, args.finetune_epochs, args.batches_per_epoch,
+                     args.batch_size, args.finetune_lr, result["accuracy"][-1],
+                     lambda: write_text_atomic(args.out.with_suffix(".partial.json"), json.dumps(result, indent=2)))
     render(result)
     finish(result, args.out, started)
+    args.out.with_suffix(".partial.json").unlink(missing_ok=True)
 
 
 if __name__ == "__main__":
