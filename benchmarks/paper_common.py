@@ -53,7 +53,17 @@ def finish(result: dict, out: Path, started: float) -> None:
     result["machine"]["loadavg_1m_at_end"] = os.getloadavg()[0]
     result["wall_s"] = round(time.perf_counter() - started, 1)
     write_text_atomic(out, json.dumps(result, indent=2) + "\n")
+    partial_path(out).unlink(missing_ok=True)
     err.print(f"wrote {out} ({result['wall_s']:.0f} s)")
+
+
+def partial_path(out: Path) -> Path:
+    return out.with_suffix(".partial.json")
+
+
+def save_partial(result: dict, out: Path) -> None:
+    """What a long run has so far, beside ``out`` (removed by :func:`finish`)."""
+    write_text_atomic(partial_path(out), json.dumps(result, indent=2) + "\n")
 
 
 def mean_std(values: Sequence[float]) -> dict:

@@ -18,20 +18,18 @@ Three parts (``--parts``, default all):
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 import torchvision
-from paper_common import err, finish, machine
+from paper_common import err, finish, machine, save_partial
 from parameter_free_latency import _no_grad, export_onnx_for_bench, fold_bn, interleaved_medians, ort_session
 from rich.console import Console
 from rich.table import Table
 
 import repconv
-from repconv.checkpoint import write_text_atomic
 
 FAMILIES = ("resnet50", "mobilenet_v2", "efficientnet_b0")
 POLICIES = ("all", "hybrid")
@@ -205,10 +203,9 @@ def main() -> None:
             result["accuracy"].append({})
             accuracy(arch, args.acc_size, args.pretrain_epochs, args.finetune_epochs, args.batches_per_epoch,
                      args.batch_size, args.finetune_lr, result["accuracy"][-1],
-                     lambda: write_text_atomic(args.out.with_suffix(".partial.json"), json.dumps(result, indent=2)))
+                     lambda: save_partial(result, args.out))
     render(result)
     finish(result, args.out, started)
-    args.out.with_suffix(".partial.json").unlink(missing_ok=True)
 
 
 if __name__ == "__main__":

@@ -12,16 +12,14 @@ batches) -> ``finetune`` (labels, every parameter trainable). Validation accurac
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
-from paper_common import err, finish, machine
+from paper_common import err, finish, machine, save_partial
 from rich.console import Console
 from rich.table import Table
 
 import repconv
-from repconv.checkpoint import write_text_atomic
 from repconv.train.calibrate import least_harmful
 from repconv.train.data import make_dataset
 from repconv.train.loop import evaluate
@@ -110,7 +108,7 @@ def main() -> None:
         orders, damages = unit_orders(checkpoint, args.calib_batches, args.calib_batch_size)
         result["orders"] = orders
         result["damage"] = [vars(d) for d in damages]
-        write_text_atomic(args.out.with_suffix(".partial.json"), json.dumps(result, indent=2))
+        save_partial(result, args.out)
         k_max = min(len(orders["position"]), len(orders["measured"]), args.max_units or 10**9)
         for k in range(1, k_max + 1):  # both selections at each k, so a partial result compares like with like
             for sel, order in orders.items():
@@ -119,10 +117,9 @@ def main() -> None:
                 folder = Path(tmp) / f"{sel}-{k}"
                 folder.mkdir()
                 result["sweeps"][sel].append(one_point(checkpoint, order[:k], folder, args))
-                write_text_atomic(args.out.with_suffix(".partial.json"), json.dumps(result, indent=2))
+                save_partial(result, args.out)
     render(result)
     finish(result, args.out, started)
-    args.out.with_suffix(".partial.json").unlink(missing_ok=True)
 
 
 if __name__ == "__main__":

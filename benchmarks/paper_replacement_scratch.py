@@ -20,11 +20,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from paper_common import err, finish, machine, mean_std, run_fresh
+from paper_common import err, finish, machine, mean_std, run_fresh, save_partial
 from rich.console import Console
 from rich.table import Table
-
-from repconv.checkpoint import write_text_atomic
 
 MODES = {"end-to-end": False, "replace-every-2": True}
 
@@ -120,10 +118,9 @@ def main() -> None:
                 runs[mode].append(run)
                 result["runs"].append({"arch": arch, "mode": mode, "seed": seed, **run})
                 result["models"][arch] = {m: summarize(r) for m, r in runs.items() if r}
-                write_text_atomic(args.out.with_suffix(".partial.json"), json.dumps(result, indent=2))
+                save_partial(result, args.out)
     render(result)
     finish(result, args.out, started)
-    args.out.with_suffix(".partial.json").unlink(missing_ok=True)
 
 
 if __name__ == "__main__":
