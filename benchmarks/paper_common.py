@@ -19,18 +19,9 @@ from pathlib import Path
 from rich.console import Console
 
 from repconv.checkpoint import write_text_atomic
+from repconv.runtime.bench import cpu_model
 
 err = Console(stderr=True)
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def machine(threads: int) -> dict:
@@ -41,7 +32,7 @@ def machine(threads: int) -> dict:
     import torch
     import torchvision
 
-    return {"utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "cpu": _cpu_model(),
+    return {"utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "cpu": cpu_model(),
             "cpu_count": os.cpu_count(), "threads": threads, "loadavg_1m_at_start": os.getloadavg()[0],
             "python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
             "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__, "numpy": numpy.__version__,
