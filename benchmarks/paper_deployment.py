@@ -4,9 +4,9 @@ Forms of one torchvision resnet50 (random weights, randomized BN statistics; lat
 values): the original; its Replacement Learning conversion (``--replace-every 2``), folded (``repconv fold``:
 the original architecture again); its parameter-free conversions (R50-max = ``--pf-policy all``, R50-hybrid).
 Each form is exported with repconv's verified export (BN folded, onnxslim, ORT parity check; int8 = static
-QDQ calibrated on digits images), and every (form, runtime) pair is timed round-robin at batch 1 and 8, so
-all ratios compare numbers taken under the same machine load. Torch eager runs the module as a user would
-(``model.eval()`` under ``no_grad``, BN not fused).
+QDQ calibrated on digits images), and every (form, runtime) pair is timed at batch 1 and 8 in one run, in
+blocks and rounds with paired speed-ups (``latency.py``; ONNX Runtime in fresh processes). Torch eager runs
+the module as a user would (``model.eval()`` under ``inference_mode``, BN not fused).
 
     PYTHONPATH=. python benchmarks/paper_deployment.py [--quick] [--out FILE.json]
 """
@@ -18,16 +18,15 @@ import tempfile
 import time
 from pathlib import Path
 
+import latency
 import torch
 from int8_latency import randomize_bn
 from paper_common import err, finish, machine
-from parameter_free_latency import _no_grad, interleaved_medians
 from rich.console import Console
 from rich.table import Table
 
 import repconv
 from repconv.checkpoint import CheckpointMeta, Loaded
-from repconv.export.onnx import ort_session
 from repconv.models import resolve_arch
 
 FORMS = ("original", "replacement-folded", "pf-all", "pf-hybrid")
@@ -58,8 +57,8 @@ def build_forms(arch: str, size: int, forms: list[str]) -> dict[str, tuple[torch
     return out
 
 
-def export_all(forms: dict, folder: Path, calib_size: int, check_size: int, threads: int) -> tuple[dict, dict]:
-    sessions, info = {}, {}
+def export_all(forms: dict, folder: Path, calib_size: int, check_size: int) -> tuple[dict, dict]:
+    files, info = {}, {}
     for form, (module, exportable) in forms.items():
         info[form] = {"params": sum(p.numel() for p in module.parameters())}
         for dtype in ("fp32", "int8"):
@@ -70,8 +69,8 @@ def export_all(forms: dict, folder: Path, calib_size: int, check_size: int, thre
             check = res.checks[-1]
             info[form][f"onnx-{dtype}"] = {"file_mb": res.file_size / 2**20, "max_abs_vs_reference": check.max_abs,
                                            "top1_agreement": check.top1_agreement}
-            sessions[(form, f"onnx-{dtype}")] = ort_session(res.path, "all", threads=threads)
-    return sessions, info
+            files[f"{form}/onnx-{dtype}"] = (res.path, "all")
+    return files, info
 
 
 def main() -> None:
@@ -80,16 +79,19 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--forms", nargs="+", default=list(FORMS), choices=FORMS)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
-    ap.add_argument("--repeats", type=int, default=15)
-    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--processes", type=int, default=3, help="fresh ONNX Runtime processes")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--block", type=int, default=5, help="timed runs per block")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed runs before each block")
     ap.add_argument("--calib-size", type=int, default=64)
     ap.add_argument("--check-size", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--quick", action="store_true", help="64px, original + folded replacement + pf-all, 2 repeats")
+    ap.add_argument("--quick", action="store_true", help="64px, original + folded replacement + pf-all, 2 rounds")
     ap.add_argument("--out", type=Path, default=Path("paper_deployment.json"))
     args = ap.parse_args()
     if args.quick:
-        args.size, args.forms, args.repeats, args.warmup = 64, ["original", "replacement-folded", "pf-all"], 2, 1
+        args.size, args.forms = 64, ["original", "replacement-folded", "pf-all"]
+        args.processes, args.rounds, args.block, args.warmup = 1, 2, 2, 1
         args.calib_size, args.check_size, args.batches = 16, 8, [1, 2]
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
@@ -97,30 +99,33 @@ def main() -> None:
                     "note": "torch eager: BN not fused; ONNX: repconv export (BN folded, onnxslim), ORT_ENABLE_ALL"}
     forms = build_forms(args.arch, args.size, args.forms)
     x = torch.randn(max(args.batches), 3, args.size, args.size)
+    timing = {"rounds": args.rounds, "block": args.block, "warmup": args.warmup}
     with tempfile.TemporaryDirectory() as tmp:
-        sessions, info = export_all(forms, Path(tmp), args.calib_size, args.check_size, args.threads)
+        files, info = export_all(forms, Path(tmp), args.calib_size, args.check_size)
         result["forms"] = info
-        for b in args.batches:
-            xb, feed = x[:b].contiguous(), {"input": x[:b].numpy()}
-            fns = {(f, "torch"): (lambda m=m, xb=xb: _no_grad(m, xb)) for f, (m, _) in forms.items()}
-            fns |= {key: (lambda s=s, feed=feed: s.run(None, feed)) for key, s in sessions.items()}
-            err.print(f"timing batch {b}: {len(fns)} (form, runtime) pairs, round-robin")
-            for (form, rt), ms in interleaved_medians(fns, args.repeats, args.warmup).items():
-                info[form].setdefault(rt, {})[f"b{b}_ms"] = ms
-    base = info.get("original")
-    for row in info.values():
-        for rt in RUNTIMES:
-            for b in args.batches:
-                row[rt][f"b{b}_vs_original_torch"] = base["torch"][f"b{b}_ms"] / row[rt][f"b{b}_ms"] if base else None
-    table = Table(title=f"{args.arch} at {args.size}px, CPU {args.threads} threads: median ms (speed-up vs the "
-                        "original in torch eager)", title_justify="left")
+        err.print(f"timing {len(forms)} forms in torch eager, then {len(files)} ONNX files in "
+                  f"{args.processes} fresh processes (blocks in rounds, paired speed-ups)")
+        timings = {"torch": latency.torch_latency({f: m for f, (m, _) in forms.items()},
+                                                  {b: x[:b].contiguous() for b in args.batches}, **timing)}
+        ort_rows = latency.ort_latency(files, args.batches, args.size, threads=args.threads,
+                                       processes=args.processes, **timing)
+    for b, rows in timings["torch"].items():
+        for form, row in rows.items():
+            info[form].setdefault("torch", {}).update({f"{b}_ms": row["median_ms"], f"{b}_speedup": row["speedup"]})
+    for b, rows in ort_rows.items():
+        for key, row in rows.items():
+            form, _, rt = key.partition("/")
+            info[form].setdefault(rt, {}).update({f"{b}_ms": row["median_ms"], f"{b}_speedup": row["speedup"]})
+    table = Table(title=f"{args.arch} at {args.size}px, CPU {args.threads} threads: median ms (paired speed-up "
+                        "vs the original: torch eager vs torch eager, ONNX vs the original's fp32 ONNX)",
+                  title_justify="left")
     table.add_column("form")
     table.add_column("params", justify="right")
     for rt in RUNTIMES:
         for b in args.batches:
             table.add_column(f"{rt} b{b}", justify="right")
     for form, row in info.items():
-        cells = [f"{row[rt][f'b{b}_ms']:.1f} ({row[rt][f'b{b}_vs_original_torch'] or 0:.2f}x)"
+        cells = [f"{row[rt][f'b{b}_ms']:.1f} ({row[rt][f'b{b}_speedup']:.2f}x)"
                  for rt in RUNTIMES for b in args.batches]
         table.add_row(form, f"{row['params'] / 1e6:.1f}M", *cells)
     Console(width=180).print(table)

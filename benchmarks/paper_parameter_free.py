@@ -6,8 +6,8 @@ Three parts (``--parts``, default all):
   table (25.6M / 4.1G, 14.2M / 2.2G, 17.3M / 2.6G), and the same conversions of the depthwise convs of
   mobilenet_v2 and efficientnet_b0.
 * ``latency``: every model above, BN folded, torch eager and ONNX Runtime (CPU, all graph optimizations) at
-  batch 1 and 8, timed round-robin in ONE run (the helpers of ``parameter_free_latency.py``), so the
-  speed-up ratios compare numbers taken under the same load.
+  batch 1 and 8, in ONE run, in blocks and rounds with paired speed-ups (``latency.py``; ONNX Runtime in fresh
+  processes), so the ratios compare numbers taken under the same load.
 * ``accuracy``: a small model trained from scratch on digits (default: torchvision resnet50 and mobilenet_v2
   at 32px, 10 classes), then converted and fine-tuned (every parameter, labels); the original gets the same
   extra fine-tuning as a control.
@@ -22,14 +22,17 @@ import tempfile
 import time
 from pathlib import Path
 
+import latency
 import torch
 import torchvision
 from paper_common import err, finish, machine, save_partial
-from parameter_free_latency import _no_grad, export_onnx_for_bench, fold_bn, interleaved_medians, ort_session
+from parameter_free_latency import export_for_bench
 from rich.console import Console
 from rich.table import Table
 
 import repconv
+from repconv.convert.fold import fuse_conv_bn
+from repconv.export.onnx import ort_session
 
 FAMILIES = ("resnet50", "mobilenet_v2", "efficientnet_b0")
 POLICIES = ("all", "hybrid")
@@ -66,32 +69,38 @@ def counts(models: dict) -> dict:
     return rows
 
 
-def latency(models: dict, size: int, batches: list[int], repeats: int, warmup: int, threads: int) -> dict:
+def measure_latency(models: dict, size: int, batches: list[int], threads: int, processes: int, rounds: int,
+                    block: int, warmup: int) -> dict:
+    """BN folded, torch eager and ONNX Runtime; speed-ups paired against the original of the same family."""
     x = torch.randn(max(batches), 3, size, size)
     rows: dict = {}
-    runners: dict[str, dict] = {f"{rt}_b{b}_ms": {} for rt in ("torch", "ort") for b in batches}
+    folded_models: dict = {}
+    files: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for i, (name, (model, _)) in enumerate(models.items()):
+        for name, (model, _) in models.items():
             err.print(f"exporting {name}")
-            folded = fold_bn(model)
-            session = ort_session(export_onnx_for_bench(folded, Path(tmp) / f"{i}.onnx", size), threads)
+            folded, _ = fuse_conv_bn(model)
+            path = export_for_bench(model, Path(tmp) / f"{name.replace('/', '_')}.onnx", True, size,
+                                    name.partition("/")[0])
             with torch.no_grad():
                 ref = model(x[:2])
+            out = ort_session(path, "all", threads).run(None, {"input": x[:2].numpy()})[0]
             rows[name] = {"fold_max_abs_diff": float((folded(x[:2]) - ref).abs().max()),
-                          "onnx_max_abs_diff": float(abs(session.run(None, {"input": x[:2].numpy()})[0]
-                                                         - ref.numpy()).max())}
-            for b in batches:
-                xb, feed = x[:b].contiguous(), {"input": x[:b].numpy()}
-                runners[f"torch_b{b}_ms"][name] = lambda m=folded, xb=xb: _no_grad(m, xb)
-                runners[f"ort_b{b}_ms"][name] = lambda s=session, feed=feed: s.run(None, feed)
-        for key, fns in runners.items():
-            err.print(f"timing {key.removesuffix('_ms')} ({len(fns)} models, round-robin)")
-            for name, ms in interleaved_medians(fns, repeats, warmup).items():
-                rows[name][key] = ms
-    for name, row in rows.items():
-        base = rows[name.partition("/")[0]]
-        for key in [k for k in list(row) if k.endswith("_ms")]:
-            row[key.replace("_ms", "_speedup")] = base[key] / row[key]
+                          "onnx_max_abs_diff": float(abs(out - ref.numpy()).max())}
+            folded_models[name], files[name] = folded, (path, "all")
+        timing = {"rounds": rounds, "block": block, "warmup": warmup}
+        inputs = {b: x[:b].contiguous() for b in batches}
+        for family in dict.fromkeys(n.partition("/")[0] for n in models):
+            members = [n for n in models if n.partition("/")[0] == family]
+            err.print(f"timing {family} ({len(members)} models) in torch eager and ONNX Runtime")
+            per_runtime = {"torch": latency.torch_latency({n: folded_models[n] for n in members}, inputs, **timing),
+                           "ort": latency.ort_latency({n: files[n] for n in members}, batches, size, threads=threads,
+                                                      processes=processes, **timing)}
+            for rt, per_batch in per_runtime.items():
+                for b, table in per_batch.items():
+                    for name, r in table.items():
+                        rows[name][f"{rt}_{b}_ms"] = r["median_ms"]
+                        rows[name][f"{rt}_{b}_speedup"] = r["speedup"]
     return rows
 
 
@@ -170,8 +179,10 @@ def main() -> None:
     ap.add_argument("--families", nargs="+", default=list(FAMILIES))
     ap.add_argument("--size", type=int, default=224, help="latency input size")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
-    ap.add_argument("--repeats", type=int, default=20)
-    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--processes", type=int, default=3, help="fresh ONNX Runtime processes")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--block", type=int, default=5, help="timed runs per block")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed runs before each block")
     ap.add_argument("--acc-archs", nargs="+", default=["resnet50", "mobilenet_v2"])
     ap.add_argument("--acc-size", type=int, default=32)
     ap.add_argument("--pretrain-epochs", type=int, default=6)
@@ -181,11 +192,12 @@ def main() -> None:
     ap.add_argument("--batches-per-epoch", type=int, default=None)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="resnet50 + mobilenet_v2 counts, latency at 64px with 2 "
-                    "repeats, mobilenet_v2 accuracy with 2 batches per epoch")
+                    "rounds, mobilenet_v2 accuracy with 2 batches per epoch")
     ap.add_argument("--out", type=Path, default=Path("paper_parameter_free.json"))
     args = ap.parse_args()
     if args.quick:
-        args.families, args.size, args.repeats, args.warmup = ["resnet50", "mobilenet_v2"], 64, 2, 1
+        args.families, args.size = ["resnet50", "mobilenet_v2"], 64
+        args.processes, args.rounds, args.block, args.warmup = 1, 2, 2, 1
         args.acc_archs, args.pretrain_epochs, args.finetune_epochs = ["mobilenet_v2"], 1, 1
         args.batch_size, args.batches_per_epoch = 16, 2
     torch.set_num_threads(args.threads)
@@ -196,7 +208,8 @@ def main() -> None:
     if "counts" in args.parts:
         result["counts"] = counts(models)
     if "latency" in args.parts:
-        result["latency"] = latency(models, args.size, args.batches, args.repeats, args.warmup, args.threads)
+        result["latency"] = measure_latency(models, args.size, args.batches, args.threads, args.processes,
+                                            args.rounds, args.block, args.warmup)
     if "accuracy" in args.parts:
         result["accuracy"] = []
         for arch in args.acc_archs:

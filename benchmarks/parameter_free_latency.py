@@ -1,6 +1,7 @@
 """CPU latency of torchvision resnet50 against its parameter-free conversions (``all`` = R50-max, ``hybrid``).
 
-All models are measured in ONE run, so the speed-up ratios compare numbers taken under the same load.
+All models are measured in ONE run, in blocks and rounds with paired speed-ups (see ``latency.py``), so the
+ratios compare numbers taken under the same load.
 Runtimes: torch eager (BN folded into the convs) and ONNX Runtime (the project's verified export with conv+BN
 fused and onnxslim; session at ORT_ENABLE_ALL: NCHWc layout, conv+activation fusion). The FLOP ratios
 bound the speed-ups: 4.09 / 2.24 = 1.83x (all) and 4.09 / 2.59 = 1.58x (hybrid).
@@ -12,13 +13,13 @@ bound the speed-ups: 4.09 / 2.24 = 1.83x (all) and 4.09 / 2.59 = 1.58x (hybrid).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
-import platform
-import statistics
+import os
 import tempfile
-import time
 from pathlib import Path
 
+import latency
 import numpy as np
 import onnxruntime as ort
 import torch
@@ -32,38 +33,20 @@ from repconv.checkpoint import CheckpointMeta, write_text_atomic
 from repconv.convert.fold import fuse_conv_bn
 from repconv.export.onnx import export_onnx, ort_session
 from repconv.models import resolve_arch
+from repconv.runtime.bench import cpu_model
 
 POLICIES = ("all", "hybrid")
 FLOP_LIMIT = {"all": 4.09 / 2.24, "hybrid": 4.09 / 2.59}
 TARGET = {"all": 1.8, "hybrid": 1.5}
 
 
-def export_for_bench(model: nn.Module, path: Path, tuned: bool) -> Path:
+def export_for_bench(model: nn.Module, path: Path, tuned: bool, size: int = 224, arch: str = "resnet50") -> Path:
     """The project's verified export. tuned: conv+BN fused and onnxslim; otherwise the straightforward graph."""
-    meta = CheckpointMeta.for_arch(resolve_arch("resnet50"))
+    meta = dataclasses.replace(CheckpointMeta.for_arch(resolve_arch(arch)), input_size=(3, size, size))
     return export_onnx(model, path, meta=meta, exporter="legacy", fuse_bn=tuned, simplify=tuned).path
 
 
-def interleaved_medians(fns: dict[str, callable], repeats: int, warmup: int) -> dict[str, float]:
-    """Median ms of each function, timed round-robin so that every one sees the same machine load."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for key, fn in fns.items():
-            t = time.perf_counter()
-            fn()
-            times[key].append((time.perf_counter() - t) * 1e3)
-    return {k: statistics.median(v) for k, v in times.items()}
-
-
-def _no_grad(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return model(x)
-
-
-def build_models(size: int) -> dict[str, tuple[nn.Module, dict]]:
+def build_models() -> dict[str, tuple[nn.Module, dict]]:
     torch.manual_seed(0)
     base = torchvision.models.resnet50().eval()
     out = {"resnet50": (base, {"params": sum(p.numel() for p in base.parameters())})}
@@ -75,47 +58,58 @@ def build_models(size: int) -> dict[str, tuple[nn.Module, dict]]:
     return out
 
 
-def run(quick: bool, threads: int, size: int, batches: list[int], plain: bool = False,
-        repeats: int | None = None) -> dict:
+def run(quick: bool, threads: int, size: int, batches: list[int], plain: bool = False, processes: int | None = None,
+        rounds: int | None = None) -> dict:
     torch.set_num_threads(threads)
-    repeats, warmup = repeats or (5 if quick else 20), 2 if quick else 3
-    models = build_models(size)
-    results: dict = {"models": {}, "config": {"threads": threads, "size": size, "batches": batches,
-                                              "repeats": repeats, "warmup": warmup, "quick": quick,
-                                              "ort": "export_onnx (conv+BN fused, onnxslim), ORT_ENABLE_ALL",
-                                              "ort_plain": "unfolded export, ORT_ENABLE_BASIC" if plain else None,
-                                              "torch": torch.__version__, "onnxruntime": ort.__version__,
-                                              "cpu": platform.processor() or platform.machine()}}
+    processes, rounds = processes or (1 if quick else 3), rounds or (2 if quick else 5)
+    block, warmup = (2, 1) if quick else (5, 2)
+    models = build_models()
+    results: dict = {"models": {}, "config": {
+        "threads": threads, "size": size, "batches": batches, "processes": processes, "rounds": rounds,
+        "block": block, "warmup": warmup, "quick": quick, "timing": "blocks in rounds, paired speed-ups; "
+        "ONNX Runtime in fresh processes (benchmarks/latency.py)",
+        "ort": "export_onnx (conv+BN fused, onnxslim), ORT_ENABLE_ALL",
+        "ort_plain": "unfolded export, ORT_ENABLE_BASIC" if plain else None,
+        "torch": torch.__version__, "onnxruntime": ort.__version__, "cpu": cpu_model(),
+        "loadavg_1m_at_start": os.getloadavg()[0]}}
     x = torch.randn(max(batches), 3, size, size)
+    folded_models, onnx_files, plain_files = {}, {}, {}
     with tempfile.TemporaryDirectory() as tmp:
-        runtimes = ("torch", "ort", "ort_plain") if plain else ("torch", "ort")
-        runners: dict[str, dict[str, callable]] = {f"{rt}_b{b}_ms": {} for rt in runtimes for b in batches}
         for name, (model, counts) in models.items():
             folded, _ = fuse_conv_bn(model)
             with torch.no_grad():
                 reference = model(x[:2])
                 parity = float((folded(x[:2]) - reference).abs().max())
-            session = ort_session(export_for_bench(model, Path(tmp) / f"{name}.onnx", True), "all", threads)
-            ort_parity = float(np.abs(session.run(None, {"input": x[:2].numpy()})[0] - reference.numpy()).max())
-            results["models"][name] = {**counts, "fold_max_abs_diff": parity, "onnx_max_abs_diff": ort_parity}
-            plain_session = ort_session(export_for_bench(model, Path(tmp) / f"{name}-plain.onnx", False), "basic",
-                                        threads) if plain else None
-            for b in batches:
-                xb, feed = x[:b].contiguous(), {"input": x[:b].numpy()}
-                runners[f"torch_b{b}_ms"][name] = lambda m=folded, xb=xb: _no_grad(m, xb)
-                runners[f"ort_b{b}_ms"][name] = lambda s=session, feed=feed: s.run(None, feed)
-                if plain:
-                    runners[f"ort_plain_b{b}_ms"][name] = lambda s=plain_session, feed=feed: s.run(None, feed)
-        for key, fns in runners.items():
-            for name, ms in interleaved_medians(fns, repeats, warmup).items():
-                results["models"][name][key] = ms
-    base = results["models"]["resnet50"]
+            path = export_for_bench(model, Path(tmp) / f"{name}.onnx", True, size)
+            out = ort_session(path, "all", threads).run(None, {"input": x[:2].numpy()})[0]
+            results["models"][name] = {**counts, "fold_max_abs_diff": parity,
+                                       "onnx_max_abs_diff": float(np.abs(out - reference.numpy()).max())}
+            folded_models[name] = folded
+            onnx_files[name] = (path, "all")
+            if plain:
+                plain_files[name] = (export_for_bench(model, Path(tmp) / f"{name}-plain.onnx", False, size), "basic")
+        inputs = {b: x[:b].contiguous() for b in batches}
+        timing = {"rounds": rounds, "block": block, "warmup": warmup}
+        timings = {"torch": latency.torch_latency(folded_models, inputs, **timing),
+                   "ort": latency.ort_latency(onnx_files, batches, size, threads=threads, processes=processes,
+                                              **timing)}
+        if plain:
+            timings["ort_plain"] = latency.ort_latency(plain_files, batches, size, threads=threads,
+                                                       processes=processes, **timing)
+    results["config"]["loadavg_1m_at_end"] = os.getloadavg()[0]
+    for runtime, per_batch in timings.items():
+        for b, rows in per_batch.items():
+            for name, row in rows.items():
+                m = results["models"][name]
+                m[f"{runtime}_{b}_ms"] = row["median_ms"]
+                m[f"{runtime}_{b}_ms_range"] = [row["min_ms"], row["max_ms"]]
+                if name != "resnet50":
+                    m[f"{runtime}_{b}_speedup"] = row["speedup"]
+                    m[f"{runtime}_{b}_speedup_range"] = [row["speedup_min"], row["speedup_max"]]
     for policy in POLICIES:
         row = results["models"][f"pf-{policy}"]
-        row["flop_limit"] = FLOP_LIMIT[policy]
-        row["target"] = TARGET[policy]
-        for key in [k for k in base if k.endswith("_ms")]:
-            row[key.replace("_ms", "_speedup")] = base[key] / row[key]
+        row["flop_limit"], row["target"] = FLOP_LIMIT[policy], TARGET[policy]
+        row["meets_target"] = all(row[f"ort_b{b}_speedup"] >= TARGET[policy] for b in batches)
     return results
 
 
@@ -134,7 +128,8 @@ def render(results: dict) -> None:
             for b in batches:
                 ms = row[f"{rt}_b{b}_ms"]
                 speed = row.get(f"{rt}_b{b}_speedup")
-                cells.append(f"{ms:.1f}" + (f" ({speed:.2f}x)" if speed else ""))
+                lo_hi = row.get(f"{rt}_b{b}_speedup_range")
+                cells.append(f"{ms:.1f}" + (f" ({speed:.2f}x, {lo_hi[0]:.2f}-{lo_hi[1]:.2f})" if speed else ""))
         table.add_row(name, *cells)
     console.print(table)
 
@@ -147,10 +142,11 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--plain", action="store_true", help="also time a straightforward ORT graph (unfolded "
                         "export, basic optimizations) to show what the tuned one gains")
-    parser.add_argument("--repeats", type=int, default=None, help="timed runs per model (default 20, quick 5)")
+    parser.add_argument("--processes", type=int, default=None, help="fresh ONNX Runtime processes (default 3, quick 1)")
+    parser.add_argument("--rounds", type=int, default=None, help="rounds per process (default 5, quick 2)")
     parser.add_argument("--out", type=Path, default=Path("parameter_free_latency.json"))
     args = parser.parse_args()
-    results = run(args.quick, args.threads, args.size, args.batches, args.plain, args.repeats)
+    results = run(args.quick, args.threads, args.size, args.batches, args.plain, args.processes, args.rounds)
     render(results)
     write_text_atomic(args.out, json.dumps(results, indent=2))
     Console(stderr=True).print(f"wrote {args.out}")
