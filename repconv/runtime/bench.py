@@ -154,6 +154,22 @@ def rss_bytes() -> int:
     return _status_bytes("VmRSS")
 
 
+def release_free_memory() -> None:
+    """Collect garbage and hand the C heap's free pages back to the OS (glibc ``malloc_trim``).
+
+    Without it, memory freed by one target stays in the process's RSS and the next target's "peak minus
+    RSS before" reads low: ONNX Runtime's resnet50 measured 443 MB first and 134 MB after another target.
+    """
+    import contextlib
+    import ctypes
+    import ctypes.util
+    import gc
+
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to trim
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+
+
 def reset_peak_rss() -> bool:
     """Reset the kernel's peak-RSS mark to the current RSS; False where that is not possible."""
     try:
@@ -222,6 +238,7 @@ def bench_target(target: Target, inputs_for: InputsFor, options: BenchOptions,
     """Load and time one target at every batch size; also return its logits on the first batch."""
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
+    release_free_memory()
     reset_peak_rss()
     before = rss_bytes()
     t0 = time.perf_counter()
