@@ -740,8 +740,6 @@ def demo(out_dir: Annotated[Path, typer.Option("--out", help="folder for the art
         emit_json(summary)
         return
     _render_stages(summary["stages"], result.latency_b1(), summary["title"])
-    if result.missing:
-        err.print(f"[yellow]not run (missing from this build):[/] {', '.join(result.missing)}")
     out.print(f"artifacts, run.json and report in {result.out}; open {result.report}", soft_wrap=True)
 
 
