@@ -496,28 +496,44 @@ def calibrate(model: ModelLike, *, teacher: ModelLike | None, data: str | os.Pat
     return result
 
 
-@dataclass
-class FinetuneResult:
-    objective: str
-    train: str
+@dataclass(kw_only=True)
+class FitOutcome:
+    """What a training run (``finetune``, ``train``) reports, whichever it was."""
+
     epochs: int
     trainable_params: int
-    total_params: int
     val_acc: float | None
     train_loss: float | None
     history: list[dict]
     resumed_from_epoch: int | None
     world_size: int
     ranks_in_sync: bool | None
-    amp: str
-    device: str
     rank: int = 0
     output: Path | None = None
     state_file: Path | None = None
     metrics_file: Path | None = None
 
+    @staticmethod
+    def fields_of(res, output: Path | None, state: Path | None, metrics: Path | None) -> dict:
+        """The shared fields from the loop's FitResult and the files it wrote."""
+        from repconv.train.loop import dist_env
+
+        return {"epochs": res.epochs, "trainable_params": res.trainable_params, "val_acc": res.val_acc,
+                "train_loss": res.train_loss, "history": res.history, "resumed_from_epoch": res.resumed_from_epoch,
+                "world_size": res.world_size, "ranks_in_sync": res.ranks_in_sync, "rank": dist_env()[0],
+                "output": output, "state_file": state, "metrics_file": metrics}
+
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+@dataclass(kw_only=True)
+class FinetuneResult(FitOutcome):
+    objective: str
+    train: str
+    total_params: int
+    amp: str
+    device: str
 
 
 def _train_config(**kw):
@@ -560,7 +576,6 @@ def finetune(model: ModelLike, *, data: str | os.PathLike, output: str | os.Path
     Writes ``output`` after every epoch, plus ``OUTPUT.state.pt`` (resume) and ``OUTPUT.metrics.jsonl``.
     Under ``torchrun`` every process calls this; only rank 0 writes.
     """
-    from repconv.train.loop import dist_env
 
     cfg = _train_config(epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, momentum=momentum,
                         weight_decay=weight_decay, warmup_epochs=warmup_epochs, accum_steps=accum_steps,
@@ -581,32 +596,16 @@ def finetune(model: ModelLike, *, data: str | os.PathLike, output: str | os.Path
     meta = copy.deepcopy(loaded.meta)
     res, out, state, metrics = _fit(student, meta, cfg, train_set=train_set, val_set=val_set,
                                     teacher=t.model if t else None, output=output, resume=resume, progress=progress)
-    return FinetuneResult(objective, train, cfg.epochs, res.trainable_params, count_params(student), res.val_acc,
-                          res.train_loss, res.history, res.resumed_from_epoch, res.world_size, res.ranks_in_sync,
-                          res.amp, res.device, dist_env()[0], out, state, metrics)
+    return FinetuneResult(objective=objective, train=train, total_params=count_params(student), amp=res.amp,
+                          device=res.device, **FitOutcome.fields_of(res, out, state, metrics))
 
 
-@dataclass
-class TrainResult:
+@dataclass(kw_only=True)
+class TrainResult(FitOutcome):
     arch: str
     kind: str  # what the output file holds: "model" (replaced units folded back) or "converted"
     replaced_units: list[str]
-    epochs: int
     params: int
-    trainable_params: int
-    val_acc: float | None
-    train_loss: float | None
-    history: list[dict]
-    resumed_from_epoch: int | None
-    world_size: int
-    ranks_in_sync: bool | None
-    rank: int = 0
-    output: Path | None = None
-    state_file: Path | None = None
-    metrics_file: Path | None = None
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def folded_replacement(model: nn.Module, meta: CheckpointMeta) -> nn.Module:
@@ -626,7 +625,6 @@ def train(arch: str, *, data: str | os.PathLike, output: str | os.PathLike, repl
     ``--teacher`` accept."""
     from repconv.errors import DataError
     from repconv.models import resolve_arch
-    from repconv.train.loop import dist_env
 
     cfg = _train_config(epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, momentum=momentum,
                         weight_decay=weight_decay, warmup_epochs=warmup_epochs, accum_steps=accum_steps,
@@ -652,9 +650,8 @@ def train(arch: str, *, data: str | os.PathLike, output: str | os.PathLike, repl
         to_save = lambda m: folded_replacement(m, meta)  # noqa: E731
     res, out, state, metrics = _fit(model, meta, cfg, train_set=train_set, val_set=val_set, teacher=None,
                                     output=output, resume=resume, progress=progress, to_save=to_save)
-    return TrainResult(arch_spec.name, "model", units, cfg.epochs, count_params(model),
-                       res.trainable_params, res.val_acc, res.train_loss, res.history, res.resumed_from_epoch,
-                       res.world_size, res.ranks_in_sync, dist_env()[0], out, state, metrics)
+    return TrainResult(arch=arch_spec.name, kind="model", replaced_units=units, params=count_params(model),
+                       **FitOutcome.fields_of(res, out, state, metrics))
 # ---------------------------------------------------------------- deploy (issue 4): fold, export
 
 

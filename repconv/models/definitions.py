@@ -2,5 +2,6 @@
 
 from repconv.models import (
     cifar_resnet,  # noqa: F401
+    cifar_vit,  # noqa: F401
     pf_resnet,  # noqa: F401
 )
