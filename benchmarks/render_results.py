@@ -1,0 +1,111 @@
+"""Markdown tables for docs/results.md from the benchmarks' JSON files, so no number is copied by hand.
+
+    python benchmarks/render_results.py [--results benchmarks/results] > tables.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def pct(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:.2f}%"
+
+
+def machine_line(r: dict) -> str:
+    m = r["machine"]
+    end = m.get("loadavg_1m_at_end")
+    return (f"Machine: {m['cpu']}, {m['cpu_count']} cores, {m['threads']} threads; Python {m['python']}, torch "
+            f"{m['torch']}, torchvision {m['torchvision']}, onnxruntime {m['onnxruntime']}; started {m['utc']}, "
+            f"1-min load average {m['loadavg_1m_at_start']:.1f} at start"
+            + (f", {end:.1f} at end" if end is not None else "") + f"; wall {r.get('wall_s', 0) / 60:.1f} min.")
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(map(str, row)) + " |" for row in rows])
+
+
+def scratch(r: dict) -> str:
+    rows = []
+    for arch, modes in r["models"].items():
+        e2e = modes["end-to-end"]
+        for mode, s in modes.items():
+            acc, mem, sec = s["val_acc"], s["train_mem_mb"]["mean"], s["epoch_s"]["mean"]
+            rows.append([arch, mode, f"{pct(acc['mean'])} ± {pct(acc['std'])} ({pct(acc['min'])}-{pct(acc['max'])})",
+                         f"{s['trainable_params']:,}", f"{s['trainable_params'] / e2e['trainable_params']:.2f}x",
+                         f"{mem:.0f} MB", f"{mem / e2e['train_mem_mb']['mean']:.2f}x",
+                         f"{sec:.1f}", f"{sec / e2e['epoch_s']['mean']:.2f}x"])
+    runs = "; ".join(f"{x['arch']} {x['mode']} seed {x['seed']}: {pct(x['val_acc'])}" for x in r["runs"])
+    return "\n\n".join([machine_line(r), table(["model", "mode", "val acc mean ± std (min-max)", "trainable params",
+                                                "vs e2e", "training memory", "vs e2e", "s/epoch", "vs e2e"], rows),
+                        f"Per run: {runs}."])
+
+
+def pretrained(r: dict) -> str:
+    rows = [[sel, p["k"], " ".join(p["units"]), f"{100 * p['fraction_replaced']:.1f}%", pct(p["acc_converted"]),
+             pct(p["acc_calibrated"]), pct(p["acc_finetuned"]), f"{p['kl_before']:.3g} -> {p['kl_after']:.3g}"]
+            for sel, points in r["sweeps"].items() for p in points]
+    damage = ", ".join(f"{d['unit']} {d['kl']:.3g}" for d in r["damage"])
+    return "\n\n".join([machine_line(r), f"Original (pretrained) validation accuracy: {pct(r['original_acc'])}.",
+                        table(["selection", "k", "units", "params replaced", "converted", "calibrated", "fine-tuned",
+                               "KL to original (calibration)"], rows),
+                        f"Measured damage (KL to the original, each unit replaced alone, a and b fitted): {damage}."])
+
+
+def parameter_free(r: dict) -> str:
+    parts = [machine_line(r)]
+    if "counts" in r:
+        rows = [[n, f"{c['params'] / 1e6:.2f}M", f"{c['macs'] / 1e9:.3f}G", f"{c['params_ratio']:.2f}",
+                 f"{c['macs_ratio']:.2f}", {True: "yes", False: "NO"}.get(c.get("matches_paper"), "-")]
+                for n, c in r["counts"].items()]
+        parts.append(table(["model", "params", "MACs (224px)", "params ratio", "MACs ratio", "= paper"], rows))
+    if "latency" in r:
+        keys = [k for k in next(iter(r["latency"].values())) if k.endswith("_ms")]
+        rows = [[n, *(f"{row[k]:.1f} ({row[k.replace('_ms', '_speedup')]:.2f}x)" for k in keys)]
+                for n, row in r["latency"].items()]
+        parts.append(table(["model", *(k.removesuffix("_ms").replace("_", " ") for k in keys)], rows))
+    for acc in r.get("accuracy", []):
+        if "pf-hybrid" not in acc or "val_acc_finetuned" not in acc.get("pf-hybrid", {}):
+            continue
+        rows = [[form, f"{acc[form]['params']:,}", pct(acc[form].get("val_acc_converted", acc[form].get("val_acc"))),
+                 pct(acc[form]["val_acc_finetuned"])] for form in ("original", "pf-all", "pf-hybrid")]
+        parts.append(f"{acc['arch']} on digits at {acc['input_size']}px:\n\n"
+                     + table(["form", "params", "after conversion (original: after training)", "after fine-tuning"],
+                             rows))
+    return "\n\n".join(parts)
+
+
+def deployment(r: dict) -> str:
+    batches = r["config"]["batches"]
+    rts = ("torch", "onnx-fp32", "onnx-int8")
+    rows = []
+    for form, row in r["forms"].items():
+        rows.append([form, f"{row['params'] / 1e6:.1f}M",
+                     *(f"{row[rt][f'b{b}_ms']:.1f} ({row[rt][f'b{b}_speedup']:.2f}x)" for rt in rts for b in batches),
+                     f"{row['onnx-fp32']['file_mb']:.1f} / {row['onnx-int8']['file_mb']:.1f} MB",
+                     pct(row["onnx-int8"]["top1_agreement"])])
+    header = ["form", "params", *(f"{rt} b{b}" for rt in rts for b in batches), "fp32 / int8 file",
+              "int8 top-1 vs fp32"]
+    return "\n\n".join([machine_line(r), table(header, rows)])
+
+
+RENDER = {"paper_replacement_scratch": scratch, "paper_replacement_pretrained": pretrained,
+          "paper_parameter_free": parameter_free, "paper_deployment": deployment}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--results", type=Path, default=Path(__file__).with_name("results"))
+    args = ap.parse_args()
+    for name, render in RENDER.items():
+        for path in sorted(args.results.glob(f"{name}*.json")):
+            if path.name.endswith(".partial.json"):
+                continue
+            print(f"<!-- {path.name} -->\n{render(json.loads(path.read_text()))}\n")
+
+
+if __name__ == "__main__":
+    main()
