@@ -44,7 +44,8 @@ def worker(cfg: dict) -> dict:
         rss_before = _status_kb("VmRSS")
         res = repconv.train(cfg["arch"], data="digits", output=Path(tmp) / "model.safetensors",
                             replace=cfg["replace"], replace_every=2, epochs=cfg["epochs"],
-                            batch_size=cfg["batch_size"], lr=cfg["lr"], seed=cfg["seed"],
+                            batch_size=cfg["batch_size"], lr=cfg["lr"], optimizer=cfg.get("optimizer", "sgd"),
+                            seed=cfg["seed"],
                             batches_per_epoch=cfg["batches_per_epoch"], input_size=cfg["size"])
         peak = _status_kb("VmHWM")
     return {"val_acc": res.val_acc, "val_acc_history": [h["val_acc"] for h in res.history],
@@ -93,6 +94,7 @@ def main() -> None:
     ap.add_argument("--batches-per-epoch", type=int, default=None)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="cifar_resnet32 at 16px, 1 epoch of 2 batches, 1 seed")
+    ap.add_argument("--optimizer", default="sgd", choices=["sgd", "adamw"], help="adamw (lr 1e-3) for a ViT")
     ap.add_argument("--out", type=Path, default=Path("paper_replacement_scratch.json"))
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -103,9 +105,10 @@ def main() -> None:
         args.archs, args.seeds, args.epochs, args.size, args.batch_size, args.batches_per_epoch = (
             ["cifar_resnet32"], [0], 1, 16, 16, 2)
     started = time.perf_counter()
-    config = {k: getattr(args, k) for k in ("archs", "seeds", "epochs", "batch_size", "lr", "size",
+    config = {k: getattr(args, k) for k in ("archs", "seeds", "epochs", "batch_size", "lr", "optimizer", "size",
                                             "batches_per_epoch", "quick")}
-    config["schedule"] = "repconv.train defaults: SGD nesterov momentum 0.9, wd 5e-4, cosine, 1 warmup epoch"
+    config["schedule"] = (f"repconv.train defaults with optimizer {args.optimizer} (sgd: nesterov momentum 0.9), "
+                          "wd 5e-4, cosine, 1 warmup epoch")
     result = {"config": config, "machine": machine(args.threads), "models": {}, "runs": []}
     for arch in args.archs:
         runs: dict[str, list[dict]] = {mode: [] for mode in MODES}
@@ -113,7 +116,8 @@ def main() -> None:
             for mode, replace in MODES.items():
                 err.print(f"training {arch} {mode} seed {seed} (fresh process)")
                 run = run_fresh(__file__, {"arch": arch, "replace": replace, "seed": seed, "epochs": args.epochs,
-                                           "batch_size": args.batch_size, "lr": args.lr, "size": args.size,
+                                           "batch_size": args.batch_size, "lr": args.lr, "optimizer": args.optimizer,
+                                           "size": args.size,
                                            "batches_per_epoch": args.batches_per_epoch, "threads": args.threads})
                 runs[mode].append(run)
                 result["runs"].append({"arch": arch, "mode": mode, "seed": seed, **run})
