@@ -92,8 +92,16 @@ def deployment(r: dict) -> str:
     return "\n\n".join([machine_line(r), table(header, rows)])
 
 
+def memory_format(r: dict) -> str:
+    cols = [f"{fmt}_b{b}" for b in r["config"]["batches"] for fmt in ("nchw", "channels_last")]
+    rows = [[n, *(f"{row[c]['median_ms']:.1f} ({row[c]['speedup']:.2f}x)" for c in cols)]
+            for n, row in r["latency"].items()]
+    return "\n\n".join([machine_line(r), table(["model", *(c.replace("_b", " b") for c in cols)], rows)])
+
+
 RENDER = {"paper_replacement_scratch": scratch, "paper_replacement_pretrained": pretrained,
-          "paper_parameter_free": parameter_free, "paper_deployment": deployment}
+          "paper_parameter_free": parameter_free, "paper_deployment": deployment,
+          "torch_memory_format": memory_format}
 
 
 def main() -> None:

@@ -117,3 +117,12 @@ def test_paired_speedups():
     assert rows["fast"]["median_ms"] == 6.0
     timed = latency.block_rounds({"a": lambda: None, "b": lambda: sum(range(10_000))}, rounds=3, block=2, warmup=1)
     assert [len(v) for v in timed.values()] == [3, 3] and all(t >= 0 for v in timed.values() for t in v)
+
+
+def test_torch_memory_format_quick(tmp_path):
+    r = run_quick("torch_memory_format", tmp_path)
+    assert set(r["latency"]) == {"mobilenet_v2", "mobilenet_v2/pf-all", "mobilenet_v2/pf-hybrid"}
+    for row in r["latency"].values():
+        assert set(row) == {"nchw_b1", "channels_last_b1", "nchw_b2", "channels_last_b2"}
+        assert all(v["median_ms"] > 0 and v["speedup"] > 0 for v in row.values())
+    assert r["latency"]["mobilenet_v2"]["nchw_b1"]["speedup"] == 1.0  # the baseline against itself
