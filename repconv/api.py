@@ -842,15 +842,16 @@ def build_engine(source: str | os.PathLike, output: str | os.PathLike, options: 
 
 def bench(artifacts: Sequence[str | os.PathLike], *, batches: Sequence[int] = (1, 8, 32), size: int | None = None,
           backends: Sequence[str] | None = None, device: str | None = None, warmup: int = 3, repeats: int = 20,
-          max_seconds: float = 10.0, threads: int | None = None, arch: str | None = None,
-          num_classes: int | None = None, trust_pickle: bool = False, json_out: str | os.PathLike | None = None,
-          plot: str | os.PathLike | None = None, progress=None) -> BenchReport:
+          max_seconds: float = 10.0, threads: int | None = None, channels_last: bool = False,
+          arch: str | None = None, num_classes: int | None = None, trust_pickle: bool = False,
+          json_out: str | os.PathLike | None = None, plot: str | os.PathLike | None = None,
+          progress=None) -> BenchReport:
     """Measure artifacts side by side in this process; the first one is the baseline of every ratio.
 
     Each artifact runs on every backend in ``backends`` that can run it, by default on its own: a checkpoint on
     torch, and on ort / trt through a temporary export (``export``, then ``build_engine``); an ONNX file on
     ort, and on trt through a temporary engine; an engine on trt. ``json_out`` / ``plot`` are written at the
-    end (their folders are checked first).
+    end (their folders are checked first). ``channels_last`` runs the torch targets in that memory format.
     """
     import json
 
@@ -859,7 +860,7 @@ def bench(artifacts: Sequence[str | os.PathLike], *, batches: Sequence[int] = (1
     from repconv.runtime.bench import plot_report
     from repconv.runtime.session import BACKENDS
 
-    options = BenchOptions(tuple(batches), size, warmup, repeats, max_seconds, device, threads)
+    options = BenchOptions(tuple(batches), size, warmup, repeats, max_seconds, device, threads, channels_last)
     options.validate()
     if not artifacts:
         raise OptionError("no artifact to bench", "give one or more checkpoints, .onnx files or .engine files")
@@ -917,16 +918,17 @@ def _bench_targets(artifacts, options, backends, device, arch, num_classes, trus
                     run_path = build_engine(run_path, Path(scratch) / f"{path.stem}.engine").engine
                     label = f"{path.name} -> engine"
                 targets.append(Target(label, run_path, b, _opener(run_path, b, device, arch, num_classes,
-                                                                  trust_pickle, threads)))
+                                                                  trust_pickle, threads, options.channels_last)))
         return run_bench(targets, options, progress)
 
 
 _DERIVED = {("torch", "ort"), ("torch", "trt"), ("ort", "trt")}  # (artifact's backend, backend it can run on)
 
 
-def _opener(path: Path, backend: str, device, arch, num_classes, trust_pickle, threads):
+def _opener(path: Path, backend: str, device, arch, num_classes, trust_pickle, threads, channels_last):
     return lambda: open_session(path, backend if backend != "torch" else None, device, arch=arch,
-                                num_classes=num_classes, trust_pickle=trust_pickle, threads=threads)
+                                num_classes=num_classes, trust_pickle=trust_pickle, threads=threads,
+                                channels_last=channels_last and backend == "torch")
 
 
 # ---------------------------------------------------------------- see it (issue 5): demo, report

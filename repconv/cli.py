@@ -619,6 +619,8 @@ def bench(artifacts: Annotated[list[Path], typer.Argument(help="checkpoints, .on
                                                      "batch size (at least 3 runs)")] = 10.0,
           threads: Annotated[int | None, typer.Option("--threads", help="CPU threads (torch and ONNX "
                                                       "Runtime alike)")] = None,
+          channels_last: Annotated[bool, typer.Option("--channels-last", help="run PyTorch checkpoints in "
+                                                      "channels_last memory format (faster max-pool on CPU)")] = False,
           arch: ArchOpt = None, num_classes: NumClassesOpt = None, trust_pickle: TrustOpt = False,
           json_out: Annotated[Path | None, typer.Option("--json-out", help="also write the full JSON report "
                                                         "to this file")] = None,
@@ -643,9 +645,9 @@ def bench(artifacts: Annotated[list[Path], typer.Argument(help="checkpoints, .on
 
     try:
         report = api.bench(artifacts, batches=batches, size=size, backends=backends, device=device, warmup=warmup,
-                           repeats=repeats, max_seconds=max_seconds, threads=threads, arch=arch,
-                           num_classes=num_classes, trust_pickle=trust_pickle, json_out=json_out, plot=plot,
-                           progress=progress)
+                           repeats=repeats, max_seconds=max_seconds, threads=threads, channels_last=channels_last,
+                           arch=arch, num_classes=num_classes, trust_pickle=trust_pickle, json_out=json_out,
+                           plot=plot, progress=progress)
     finally:
         bar.stop()
     if as_json:
@@ -673,9 +675,10 @@ def _render_bench(report) -> None:
                        "" if r is base else (f"{r.top1_agreement_vs_baseline:.0%}"
                                              if r.top1_agreement_vs_baseline is not None else "-"))
     out.print(models)
-    latency = Table(title=f"Latency at {report.options['size']}px, {report.machine['torch_threads']} threads "
+    layout = ", torch in channels_last" if report.options.get("channels_last") else ""
+    latency = Table(title=f"Latency at {report.options['size']}px{layout}, {report.machine['torch_threads']} threads "
                     f"({report.machine['cpu']}, load {report.machine['load_average'][0]:.1f})"
-                    if report.machine.get("load_average") else "Latency", title_justify="left")
+                    if report.machine.get("load_average") else f"Latency{layout}", title_justify="left")
     for col in ("artifact", "backend", "batch", "median ms", "p90 ms", "images/s", "speed-up"):
         latency.add_column(col, justify="left" if col in ("artifact", "backend") else "right")
     for r in report.targets:

@@ -40,6 +40,7 @@ class BenchOptions:
     max_seconds: float = 10.0  # per (target, batch); at least 3 timed runs are always made
     device: str | None = None
     threads: int | None = None
+    channels_last: bool = False  # torch targets run in channels_last memory format
 
     def validate(self) -> None:
         if not self.batches or any(b < 1 for b in self.batches):

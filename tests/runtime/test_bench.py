@@ -89,6 +89,17 @@ def test_fixed_batch_onnx_is_skipped_at_other_batches(tmp_path, small_checkpoint
     assert [x.batch for x in t.timings] == [2] and "1" in t.skipped
 
 
+def test_bench_channels_last_runs_torch_targets_in_that_format(tmp_path, small_checkpoint, small_onnx):
+    rep = api.bench([small_onnx, small_checkpoint], batches=(2,), channels_last=True, json_out=tmp_path / "b.json",
+                    **FAST)
+    ort_t, torch_t = rep.targets
+    assert (ort_t.backend, torch_t.backend) == ("ort", "torch")  # the ONNX file is unaffected, not refused
+    assert torch_t.max_abs_diff_vs_baseline < 1e-4 and torch_t.top1_agreement_vs_baseline == 1.0
+    data = json.loads((tmp_path / "b.json").read_text())
+    validate_report(data)
+    assert data["options"]["channels_last"] is True
+
+
 def test_bench_bad_input(tmp_path, small_checkpoint, small_onnx):
     with pytest.raises(InputFileError, match="does not exist"):
         api.bench([small_checkpoint, tmp_path / "nope.onnx"], **FAST)
@@ -140,6 +151,10 @@ def test_bench_cli(run_cli, small_checkpoint, small_onnx, tmp_path):
     data = json.loads(out)
     validate_report(data)
     assert [t["backend"] for t in data["targets"]] == ["torch", "ort"]
+    code, out, err = run_cli("bench", small_checkpoint, "--batch", "1", "--repeats", "3", "--warmup", "0",
+                             "--channels-last")
+    assert code == 0, err
+    assert "torch in channels_last" in out
     code, out, err = run_cli("bench", small_checkpoint, "--batch", "1,two")
     assert code == 2 and "--batch '1,two' does not parse" in err and len(err.strip().splitlines()) == 1
     code, out, err = run_cli("bench", tmp_path / "missing.pt")

@@ -70,3 +70,19 @@ def test_fixed_batch_onnx_refuses_other_batches(tmp_path, small_checkpoint):
     assert s.input_size == (3, 32, 32)
     with pytest.raises(InputFileError, match="fixed batch of 2"):
         s.run(np.zeros((3, 3, 32, 32), np.float32))
+
+
+def test_channels_last_torch_session_gives_the_same_logits(tmp_path, small_checkpoint, small_onnx):
+    import repconv
+
+    pf = repconv.convert(small_checkpoint, method="parameter-free", pf_policy="all",
+                         output=tmp_path / "pf.repconv.safetensors").output
+    x = example_input((3, 32, 32), batch=4, seed=1).numpy()
+    for path in (small_checkpoint, pf):
+        nchw, nhwc = open_session(path), open_session(path, channels_last=True)
+        conv = next(m for m in nhwc.model.modules() if isinstance(m, torch.nn.Conv2d))
+        assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+        assert not conv.weight.is_contiguous()  # really converted, not a no-op
+        np.testing.assert_allclose(nhwc.run(x), nchw.run(x), atol=1e-5, rtol=1e-5)
+    with pytest.raises(InputFileError, match="channels_last only applies to torch"):
+        open_session(small_onnx, channels_last=True)
