@@ -70,11 +70,15 @@ def parameter_free(r: dict) -> str:
     for acc in r.get("accuracy", []):
         if "pf-hybrid" not in acc or "val_acc_finetuned" not in acc.get("pf-hybrid", {}):
             continue
-        rows = [[form, f"{acc[form]['params']:,}", pct(acc[form].get("val_acc_converted", acc[form].get("val_acc"))),
-                 pct(acc[form]["val_acc_finetuned"])] for form in ("original", "pf-all", "pf-hybrid")]
-        parts.append(f"{acc['arch']} on digits at {acc['input_size']}px:\n\n"
-                     + table(["form", "params", "after conversion (original: after training)", "after fine-tuning"],
-                             rows))
+        forms = [acc[f] for f in ("original", "pf-all", "pf-hybrid")]
+        scratch = all("val_acc_scratch" in f for f in forms[1:])
+        rows = [[name, f"{f['params']:,}", *([pct(f.get("val_acc_scratch", f.get("val_acc")))] if scratch else []),
+                 pct(f.get("val_acc_converted", f.get("val_acc"))), pct(f["val_acc_finetuned"])]
+                for name, f in zip(("original", "pf-all", "pf-hybrid"), forms, strict=True)]
+        header = ["form", "params", *(["trained from scratch in this form"] if scratch else []),
+                  "after conversion of the trained original" if scratch else
+                  "after conversion (original: after training)", "after fine-tuning"]
+        parts.append(f"{acc['arch']} on digits at {acc['input_size']}px:\n\n" + table(header, rows))
     return "\n\n".join(parts)
 
 
@@ -96,7 +100,12 @@ def memory_format(r: dict) -> str:
     cols = [f"{fmt}_b{b}" for b in r["config"]["batches"] for fmt in ("nchw", "channels_last")]
     rows = [[n, *(f"{row[c]['median_ms']:.1f} ({row[c]['speedup']:.2f}x)" for c in cols)]
             for n, row in r["latency"].items()]
-    return "\n\n".join([machine_line(r), table(["model", *(c.replace("_b", " b") for c in cols)], rows)])
+    parts = [machine_line(r), table(["model", *(c.replace("_b", " b") for c in cols)], rows)]
+    if "ops" in r:
+        ops = r["ops"]
+        parts.append(f"The operations alone on a {'x'.join(map(str, ops['shape']))} tensor (median ms): "
+                     + ", ".join(f"{k} {v:.2f}" for k, v in ops["median_ms"].items()) + ".")
+    return "\n\n".join(parts)
 
 
 RENDER = {"paper_replacement_scratch": scratch, "paper_replacement_pretrained": pretrained,

@@ -4,7 +4,8 @@ Why: in ``paper_parameter_free.py`` the parameter-free forms gain little (resnet
 efficientnet_b0) in torch eager, while ONNX Runtime shows the expected gains. The cause is torch's CPU max-pool
 kernel for contiguous NCHW tensors, several times slower than its depthwise conv; its channels_last kernel is
 not. This script measures every model of that benchmark (BN folded, as there) in both formats, in one run,
-blocks in rounds with speed-ups paired against the original of the same family in NCHW (``latency.py``).
+blocks in rounds with speed-ups paired against the original of the same family in NCHW (``latency.py``), and
+the two operations alone: a 3x3 depthwise conv and the 3x3 max-pool that replaces it.
 
     PYTHONPATH=. python benchmarks/torch_memory_format.py [--quick] [--out FILE.json]
 """
@@ -47,6 +48,19 @@ def measure(family: str, batches: list[int], size: int, rounds: int, block: int,
     return rows
 
 
+def measure_ops(shape: tuple[int, ...], rounds: int, block: int, warmup: int) -> dict:
+    """Median ms of a 3x3 depthwise conv and a 3x3 max-pool (stride 1) on one tensor, in both formats."""
+    channels = shape[1]
+    ops = {"depthwise_conv3x3": torch.nn.Conv2d(channels, channels, 3, 1, 1, groups=channels, bias=False).eval(),
+           "max_pool3x3": torch.nn.MaxPool2d(3, 1, 1)}
+    x = torch.randn(shape)
+    inputs = {"nchw": x, "channels_last": x.contiguous(memory_format=torch.channels_last)}
+    with torch.inference_mode():
+        fns = {f"{op} {fmt}": (lambda m=m, xi=xi: m(xi)) for op, m in ops.items() for fmt, xi in inputs.items()}
+        table = latency.summarize(latency.block_rounds(fns, rounds, block, warmup), "depthwise_conv3x3 nchw")
+    return {"shape": list(shape), "median_ms": {k: v["median_ms"] for k, v in table.items()}}
+
+
 def render(result: dict) -> None:
     cols = [f"{fmt}_b{b}" for b in result["config"]["batches"] for fmt in FORMATS]
     table = Table(title="torch eager, ms (speed-up vs the original in NCHW)")
@@ -56,6 +70,9 @@ def render(result: dict) -> None:
     for name, row in result["latency"].items():
         table.add_row(name, *(f"{row[c]['median_ms']:.1f} ({row[c]['speedup']:.2f}x)" for c in cols))
     Console(width=160).print(table)
+    ops = result["ops"]
+    Console(width=160).print(f"ops on {'x'.join(map(str, ops['shape']))}: "
+                             + ", ".join(f"{k} {v:.2f} ms" for k, v in ops["median_ms"].items()))
 
 
 def main() -> None:
@@ -80,6 +97,8 @@ def main() -> None:
     for family in args.families:
         err.print(f"timing {family} and its parameter-free forms in NCHW and channels_last")
         result["latency"] |= measure(family, args.batches, args.size, args.rounds, args.block, args.warmup)
+    result["ops"] = measure_ops((2, 144, 16, 16) if args.quick else (8, 144, 56, 56), args.rounds, args.block,
+                                args.warmup)
     render(result)
     finish(result, args.out, started)
 

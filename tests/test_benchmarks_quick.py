@@ -78,6 +78,7 @@ def test_parameter_free_quick(tmp_path):
     (acc,) = r["accuracy"]
     assert acc["pf-all"]["params"] < acc["original"]["params"]
     assert all(0.0 <= acc[f]["val_acc_finetuned"] <= 1.0 for f in ("original", "pf-all", "pf-hybrid"))
+    assert all(0.0 <= acc[f]["val_acc_scratch"] <= 1.0 for f in ("pf-all", "pf-hybrid"))
 
 
 @pytest.mark.filterwarnings("ignore")
@@ -126,3 +127,5 @@ def test_torch_memory_format_quick(tmp_path):
         assert set(row) == {"nchw_b1", "channels_last_b1", "nchw_b2", "channels_last_b2"}
         assert all(v["median_ms"] > 0 and v["speedup"] > 0 for v in row.values())
     assert r["latency"]["mobilenet_v2"]["nchw_b1"]["speedup"] == 1.0  # the baseline against itself
+    assert set(r["ops"]["median_ms"]) == {f"{op} {fmt}" for op in ("depthwise_conv3x3", "max_pool3x3")
+                                          for fmt in ("nchw", "channels_last")}

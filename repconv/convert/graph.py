@@ -79,8 +79,10 @@ def trace(model: nn.Module, leaves: Iterable[str] = ()) -> fx.GraphModule:
     was_training = model.training
     model.eval()
     tracer = RepconvTracer(leaves)
+    attributes = set(vars(model))
     try:
         graph = tracer.trace(model)
+        gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
     except Exception as exc:  # fx raises many kinds: TraceError, TypeError, RuntimeError...
         where = _trace_location(model, sys.exc_info()[2])
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -88,7 +90,12 @@ def trace(model: nn.Module, leaves: Iterable[str] = ()) -> fx.GraphModule:
                          "mark that module opaque with --leaf PATH (it will then not be rewritten)") from exc
     finally:
         model.train(was_training)
-    gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+        # fx parks tensors created in forward on the traced module as _tensor_constant{i}, numbered past the
+        # ones already there: left in place, a second trace of the same model names them differently, and a
+        # saved conversion no longer fits the model rebuilt at load time (torchvision maxvit_t)
+        for name in set(vars(model)) - attributes:
+            if name.startswith("_tensor_constant"):
+                delattr(model, name)
     _reattach_unused(gm, model)
     gm.train(was_training)
     gm.meta["repconv_leaves"] = leaves

@@ -77,3 +77,24 @@ def test_shape_propagation(chain):
     gm = propagate_shapes(trace(chain), torch.randn(3, 4))
     out = next(n for n in gm.graph.nodes if n.op == "output").args[0]
     assert tuple(out.meta["tensor_meta"].shape) == (3, 3)
+
+
+class _ConstantInForward(nn.Module):
+    """Creates a tensor in forward, as torchvision's maxvit_t does: fx stores it as _tensor_constant{i}."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(x) + torch.arange(4.0).view(1, 4, 1, 1)
+
+
+def test_tracing_twice_names_constants_alike_and_leaves_the_model_alone():
+    model = _ConstantInForward()
+    first, second = trace(model), trace(model)
+    assert not any(name.startswith("_tensor_constant") for name in vars(model))
+    assert list(first.state_dict()) == list(second.state_dict())  # a saved trace fits a later one
+    assert any(k.startswith("_tensor_constant") for k in first.state_dict())
+    x = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(first(x), model(x))
