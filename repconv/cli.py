@@ -13,7 +13,6 @@ import traceback
 from pathlib import Path
 from typing import Annotated, Any
 
-import click
 import typer
 from rich.console import Console
 from rich.markup import escape
@@ -513,7 +512,7 @@ def export(model: ModelArg,
     from repconv import api
 
     if fmt not in ("onnx", "engine"):
-        raise click.BadParameter(f"--format must be onnx or engine, not {fmt!r}")
+        raise typer.BadParameter(f"--format must be onnx or engine, not {fmt!r}")
     if fmt == "engine":
         options = _engine_options(min_batch, opt_batch, max_batch, workspace, timing_cache, opt_level, verify)
         onnx_options = dict(opset=opset, dynamic_batch=not static, batch_size=batch_size, exporter=exporter,
@@ -760,13 +759,16 @@ def main(argv: list[str] | None = None) -> None:
             traceback.print_exc()
         err.print(f"[red]error:[/] {escape(str(exc))}", soft_wrap=True)
         sys.exit(2)
-    except click.exceptions.Exit as exc:
+    except typer.Exit as exc:
         sys.exit(exc.exit_code)
-    except click.exceptions.Abort:
+    except typer.Abort:
         err.print("aborted")
         sys.exit(130)
-    except click.ClickException as exc:
-        exc.show()
+    except typer.TyperException as exc:  # usage errors: unknown option, bad value (typer's vendored click)
+        if hasattr(exc, "show"):
+            exc.show()
+        else:
+            err.print(f"[red]error:[/] {escape(exc.format_message())}", soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
         err.print("interrupted")

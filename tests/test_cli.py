@@ -118,3 +118,18 @@ def test_models_lists_all_sources(run_cli):
     assert code == 0
     names = json.loads(stdout)
     assert "cifar_resnet32" in names["repconv"] and "resnet50" in names["torchvision"]
+
+
+def test_usage_errors_exit_2_with_typer_usage_message(run_cli, r32_file):
+    code, out, err = run_cli("inspect", r32_file, "--no-such-option")
+    assert code == 2 and "No such option: --no-such-option" in err and out == ""
+
+
+def test_cli_does_not_need_click():
+    """typer vendors click since 0.26; a fresh `pip install -e .` has no click package."""
+    import subprocess
+    import sys
+
+    code = "import sys; sys.modules['click'] = None; import repconv.cli"  # any `import click` now fails
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
