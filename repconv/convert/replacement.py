@@ -176,11 +176,14 @@ def _replace_unit(gm: fx.GraphModule, step: ReplaceStep) -> None:
     for node in list(graph.nodes):
         if node.op == "call_module" and (node.target == step.unit or node.target.startswith(prefix)):
             leaf = gm.get_submodule(node.target)
-            leaf_params = [n for n, _ in leaf.named_parameters()]
+            rel_leaf = "" if node.target == step.unit else node.target[len(prefix):]
+            # the unit's own parameters only: when the unit is itself a leaf (VGG's bare Conv2d units),
+            # the scalars module just added under it is a child whose a, b must stay as they are
+            rel = {n: f"{rel_leaf}.{n}" if rel_leaf else n for n, _ in leaf.named_parameters()}
+            leaf_params = [n for n, r in rel.items() if r in names]
             if not leaf_params:
                 continue
-            rel_leaf = "" if node.target == step.unit else node.target[len(prefix):]
-            params = {n: synthesized(f"{rel_leaf}.{n}" if rel_leaf else n) for n in leaf_params}
+            params = {n: synthesized(rel[n]) for n in leaf_params}
             with graph.inserting_before(node):
                 module_ref = graph.get_attr(node.target)
                 new = graph.call_function(call_with_params, (module_ref, params, *node.args), dict(node.kwargs))

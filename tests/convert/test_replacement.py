@@ -168,3 +168,22 @@ def test_plan_file_reproduces_conversion(tmp_path):
     with torch.no_grad():
         assert torch.equal(first.model(x), second.model(x))
     assert isinstance(second.plan.steps[0], ReplaceStep)
+
+
+def test_units_that_are_bare_leaf_modules_round_trip(tmp_path):
+    """VGG without BN: the repeated units are the Conv2d leaves of a Sequential, so the scalars module is
+    added under a leaf; its own a, b must not be synthesized like the conv's weights."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), *[m for _ in range(4) for m in
+                                                            (nn.Conv2d(8, 8, 3, padding=1), nn.ReLU())],
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3)).eval()
+    gm = trace(copy.deepcopy(model))  # fx shares leaf modules with the traced model
+    steps = [ReplaceStep(unit="3", prev="1", next="5", a=0.25, b=0.75)]
+    apply_replacement(gm, steps)
+    x = torch.randn(2, 3, 8, 8)
+    expected = copy.deepcopy(model)
+    with torch.no_grad():
+        expected[3].weight.copy_(0.25 * model[1].weight + 0.75 * model[5].weight)
+        expected[3].bias.copy_(0.25 * model[1].bias + 0.75 * model[5].bias)
+        torch.testing.assert_close(gm(x), expected(x))
+    assert {k for k in gm.state_dict() if k.startswith("3.")} == {"3.replacement.a", "3.replacement.b"}
