@@ -12,8 +12,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import tempfile
 import zipfile
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -223,9 +225,18 @@ def _is_state_dict(obj: dict) -> bool:
 # ---------------------------------------------------------------- building models
 
 
+FX_CONSTANT = re.compile(r"_tensor_constant\d+")
+
+
 def fit_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], arch: str, path: Path | None) -> None:
-    """``load_state_dict(strict=True)`` with a short readable report instead of a stack trace."""
+    """``load_state_dict(strict=True)`` with a short readable report instead of a stack trace.
+
+    Tensors torch.fx creates while tracing (``_tensor_constant{i}`` at the root, e.g. maxvit_t's relative
+    position index) belong to the graph, not to the weights: each side keeps its own.
+    """
     own = model.state_dict()
+    state_dict = {k: v for k, v in state_dict.items() if k in own or not FX_CONSTANT.fullmatch(k)}
+    state_dict |= {k: v for k, v in own.items() if k not in state_dict and FX_CONSTANT.fullmatch(k)}
     missing = [k for k in own if k not in state_dict]
     unexpected = [k for k in state_dict if k not in own]
     wrong = [f"{k} {tuple(state_dict[k].shape)} vs {tuple(own[k].shape)}"
@@ -239,6 +250,11 @@ def fit_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], arch: 
         src = f"'{path}'" if path else "the weights"
         raise ArchError(f"{src} do not fit {arch}: " + "; ".join(parts),
                         "check --arch (and --num-classes), or that the file belongs to this architecture")
+    # Modules that check their version while loading (torchvision's MNASNet) need the state_dict metadata,
+    # which safetensors files and rebuilt dicts do not carry. The keys and shapes match this freshly built
+    # model exactly, so its own module versions are the right ones.
+    state_dict = OrderedDict(state_dict)
+    state_dict._metadata = own._metadata  # type: ignore[attr-defined]
     model.load_state_dict(state_dict, strict=True)
 
 

@@ -167,3 +167,35 @@ def test_api_load_returns_module(tmp_path, r18_sd):
     torch.save(r18_sd, path)
     model = repconv.load(path, arch="resnet18")
     assert isinstance(model, torch.nn.Module) and same_weights(model, r18_sd)
+
+
+def test_fit_state_dict_supplies_module_versions():
+    """torchvision's MNASNet refuses a state_dict without its version metadata (safetensors has none)."""
+    from repconv.checkpoint import fit_state_dict
+
+    source = torchvision.models.mnasnet0_5().eval()
+    plain = {k: v.clone() for k, v in source.state_dict().items()}  # a plain dict: no _metadata
+    target = torchvision.models.mnasnet0_5().eval()
+    fit_state_dict(target, plain, "mnasnet0_5", None)
+    assert all(torch.equal(target.state_dict()[k], v) for k, v in plain.items())
+
+
+def test_fit_state_dict_leaves_fx_tensor_constants_to_each_side():
+    from repconv.checkpoint import fit_state_dict
+    from repconv.convert.graph import trace
+
+    class WithConstant(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 4, 1)
+
+        def forward(self, x):
+            return self.conv(x) + torch.arange(4.0).view(1, 4, 1, 1)
+
+    model = WithConstant().eval()
+    traced = trace(model)
+    assert any(k.startswith("_tensor_constant") for k in traced.state_dict())
+    fit_state_dict(WithConstant(), traced.state_dict(), "with_constant", None)  # folded back: constants dropped
+    fit_state_dict(trace(WithConstant()), model.state_dict(), "with_constant", None)  # traced: keeps its own
+    with pytest.raises(ArchError, match="1 unexpected: stray"):
+        fit_state_dict(WithConstant(), {**model.state_dict(), "stray": torch.zeros(1)}, "with_constant", None)
