@@ -13,6 +13,7 @@ the two operations alone: a 3x3 depthwise conv and the 3x3 max-pool that replace
 from __future__ import annotations
 
 import argparse
+import copy
 import time
 from pathlib import Path
 
@@ -32,8 +33,9 @@ def measure(family: str, batches: list[int], size: int, rounds: int, block: int,
     """name -> {"<format>_b<batch>": {median_ms, speedup}} for the family's original and conversions."""
     models = {}
     for name, (model, _) in conversions(family).items():
-        models[f"{name} nchw"] = fuse_conv_bn(model)[0]
-        models[f"{name} channels_last"] = fuse_conv_bn(model)[0].to(memory_format=torch.channels_last)
+        folded = fuse_conv_bn(model)[0]
+        models[f"{name} nchw"] = folded
+        models[f"{name} channels_last"] = copy.deepcopy(folded).to(memory_format=torch.channels_last)
     x = torch.randn(max(batches), 3, size, size)
     rows: dict = {}
     for b in batches:

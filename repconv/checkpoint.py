@@ -235,8 +235,8 @@ def fit_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], arch: 
     position index) belong to the graph, not to the weights: each side keeps its own.
     """
     own = model.state_dict()
-    state_dict = {k: v for k, v in state_dict.items() if k in own or not FX_CONSTANT.fullmatch(k)}
-    state_dict |= {k: v for k, v in own.items() if k not in state_dict and FX_CONSTANT.fullmatch(k)}
+    state_dict = OrderedDict((k, v) for k, v in state_dict.items() if k in own or not FX_CONSTANT.fullmatch(k))
+    state_dict.update((k, v) for k, v in own.items() if k not in state_dict and FX_CONSTANT.fullmatch(k))
     missing = [k for k in own if k not in state_dict]
     unexpected = [k for k in state_dict if k not in own]
     wrong = [f"{k} {tuple(state_dict[k].shape)} vs {tuple(own[k].shape)}"
@@ -253,7 +253,6 @@ def fit_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], arch: 
     # Modules that check their version while loading (torchvision's MNASNet) need the state_dict metadata,
     # which safetensors files and rebuilt dicts do not carry. The keys and shapes match this freshly built
     # model exactly, so its own module versions are the right ones.
-    state_dict = OrderedDict(state_dict)
     state_dict._metadata = own._metadata  # type: ignore[attr-defined]
     model.load_state_dict(state_dict, strict=True)
 
