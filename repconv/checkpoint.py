@@ -60,11 +60,21 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=folder)
     os.close(fd)
     tmp = Path(tmp)
+    os.chmod(tmp, _file_mode(target))  # mkstemp makes 0600; the file should read like any other the user writes
     try:
         yield tmp
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _file_mode(target: Path) -> int:
+    """The mode ``open(target, "w")`` would give: the existing file's, else 0666 less the umask."""
+    with contextlib.suppress(FileNotFoundError):
+        return target.stat().st_mode & 0o777
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def write_text_atomic(target: str | os.PathLike, text: str) -> Path:

@@ -199,3 +199,20 @@ def test_fit_state_dict_leaves_fx_tensor_constants_to_each_side():
     fit_state_dict(trace(WithConstant()), model.state_dict(), "with_constant", None)  # traced: keeps its own
     with pytest.raises(ArchError, match="1 unexpected: stray"):
         fit_state_dict(WithConstant(), {**model.state_dict(), "stray": torch.zeros(1)}, "with_constant", None)
+
+
+def test_atomic_files_get_the_mode_a_plain_write_would(tmp_path):
+    from repconv.checkpoint import write_text_atomic
+
+    old = os.umask(0o022)
+    try:
+        fresh = write_text_atomic(tmp_path / "fresh.json", "{}")
+        kept = tmp_path / "kept.json"
+        kept.write_text("old")
+        kept.chmod(0o640)
+        write_text_atomic(kept, "new")
+    finally:
+        os.umask(old)
+    assert fresh.stat().st_mode & 0o777 == 0o644  # mkstemp alone would leave 0600
+    assert kept.stat().st_mode & 0o777 == 0o640 and kept.read_text() == "new"
+    assert not list(tmp_path.glob(".*.part"))
