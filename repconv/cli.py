@@ -451,7 +451,9 @@ def _render_export(r) -> None:
     ops.add_row("total", str(sum(r.ops_before.values())), str(sum(r.ops_after.values())))
     out.print(ops)
     batch = "dynamic" if r.dynamic_batch else r.metadata.get("repconv.batch_size", "?")
-    out.print(f"{r.path}: {human(r.file_size, 'B')}, {r.dtype}, opset {r.opset}, {r.exporter} exporter, batch {batch}")
+    weights = f" (weights in {r.data_file.name})" if r.data_file else ""
+    out.print(f"{r.path}: {human(r.file_size, 'B')}{weights}, {r.dtype}, opset {r.opset}, {r.exporter} exporter, "
+              f"batch {batch}")
     _render_fusion(r.fusion)
     for note in r.warnings:
         err.print(f"[yellow]warning:[/] {note}", soft_wrap=True)
@@ -496,6 +498,8 @@ def export(model: ModelArg,
                                                                "agreement with fp32 (fp16 0.99, int8 0.98)")] = None,
            ort_level: Annotated[str, typer.Option("--ort-level", help="onnxruntime optimization level used "
                                                   "for checks: disable | basic | extended | all")] = "all",
+           external_data: Annotated[bool, typer.Option("--external-data", help="weights in FILE.onnx.data beside "
+                                                       "the graph (always when the graph is over 2 GiB)")] = False,
            min_batch: Annotated[int, typer.Option("--min-batch", help="engine profile: smallest batch")] = 1,
            opt_batch: Annotated[int, typer.Option("--opt-batch", help="engine profile: batch tuned for")] = 8,
            max_batch: Annotated[int, typer.Option("--max-batch", help="engine profile: largest batch")] = 32,
@@ -518,7 +522,7 @@ def export(model: ModelArg,
         onnx_options = dict(opset=opset, dynamic_batch=not static, batch_size=batch_size, exporter=exporter,
                             simplify=simplify, verify=verify, calib=calib,
                             calib_size=calib_size, check_images=check_images, fuse_bn=fuse_bn, ort_level=ort_level,
-                            min_agreement=min_agreement)  # used when MODEL is a checkpoint: ONNX first
+                            min_agreement=min_agreement, external_data=external_data or None)  # ONNX first
         _export_engine(model, output, options, print_trtexec, dtype=dtype, arch=arch, num_classes=num_classes,
                        trust_pickle=trust_pickle, as_json=as_json, onnx_options=onnx_options)
         return
@@ -527,7 +531,8 @@ def export(model: ModelArg,
                             trust_pickle=trust_pickle, dtype=dtype, opset=opset, dynamic_batch=not static,
                             batch_size=batch_size, exporter=exporter, simplify=simplify, verify=verify,
                             calib=calib, calib_size=calib_size, check_images=check_images, fuse_bn=fuse_bn,
-                            ort_level=ort_level, min_agreement=min_agreement, progress=status.update)
+                            ort_level=ort_level, min_agreement=min_agreement, external_data=external_data or None,
+                            progress=status.update)
     if as_json:
         emit_json(result.to_dict())
     else:

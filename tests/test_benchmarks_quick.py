@@ -129,3 +129,17 @@ def test_torch_memory_format_quick(tmp_path):
     assert r["latency"]["mobilenet_v2"]["nchw_b1"]["speedup"] == 1.0  # the baseline against itself
     assert set(r["ops"]["median_ms"]) == {f"{op} {fmt}" for op in ("depthwise_conv3x3", "max_pool3x3")
                                           for fmt in ("nchw", "channels_last")}
+
+
+def test_ort_profile_quick(tmp_path):
+    r = run_quick("ort_profile", tmp_path)
+    fc_macs = 2048 * 1000  # the head is a Gemm, not a Conv
+    base_conv_macs = r["models"]["resnet50"]["macs"] - fc_macs
+    for name, ops in (("pf-all", {"MaxPool"}), ("pf-hybrid", {"MaxPool", "AveragePool"})):
+        split = r["split"][name]["b1"]
+        # every conv of the conversion is matched to one of resnet50's; the rest of resnet50's are its spatial convs
+        assert split["shared_conv_macs"] == r["models"][name]["macs"] - fc_macs
+        assert split["shared_conv_macs"] + split["removed_conv_macs"] == base_conv_macs
+        assert set(split["added_ops"]) == ops and split["added_ms"] > 0
+        assert split["speedup_if_added_ops_were_free"] > split["kernel_speedup"] > 1
+    assert r["matmul_2048_gmacs_per_s"] > 1

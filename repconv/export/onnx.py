@@ -3,7 +3,8 @@
 Every stage is checked where it happens: the raw export and each later pass (onnxslim, fp16, int8)
 runs in ONNX Runtime, at the optimization level used for deployment, against its reference (PyTorch
 for fp32, the verified fp32 graph for fp16/int8). A check above tolerance raises VerificationError and
-no file is written. See docs/export.md for the metadata keys the file carries.
+no file is written. See docs/export.md for the metadata keys the file carries. A graph over protobuf's
+2 GiB limit (or any, with ``external_data=True``) is written with its weights in ``FILE.onnx.data``.
 """
 
 from __future__ import annotations
@@ -25,12 +26,13 @@ import torch
 from torch import nn
 
 from repconv import __version__
-from repconv.checkpoint import CheckpointMeta, atomic_path
+from repconv.checkpoint import CheckpointMeta, check_output_path
 from repconv.convert.fold import FusionReport, error_stats, fuse_conv_bn
 from repconv.convert.graph import example_input
 from repconv.convert.replacement import replaced_units
 from repconv.errors import InputFileError, OutputError, RepconvError, VerificationError
 from repconv.export import quantize
+from repconv.export.external_data import data_file, save_onnx, session_source, size_on_disk, too_large
 
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
 DTYPES = ("fp32", "fp16", "int8")
@@ -43,7 +45,6 @@ FP16_REL_TOLERANCE = 1e-2  # max |fp16 - fp32| / max |fp32 logit|
 MIN_AGREEMENT = {"fp16": 0.99, "int8": 0.98}  # top-1 agreement with the fp32 graph on real images
 EXPORT_BATCH = 2  # >= 2: a batch-1 example can make the exporter specialize the batch dim
 VERIFY_BATCHES = (1, 3)  # both differ from the export batch
-PROTOBUF_LIMIT = 2**31 - 1
 META_PREFIX = "repconv."
 
 
@@ -76,6 +77,7 @@ class ExportResult:
     file_size: int
     metadata: dict[str, str]
     fusion: FusionReport | None = None
+    data_file: Path | None = None  # the external weights, when the graph has them
     verified: bool = True
     warnings: list[str] = field(default_factory=list)
 
@@ -88,6 +90,7 @@ class ExportResult:
     def to_dict(self) -> dict:
         data = asdict(self)
         data["path"] = str(self.path)
+        data["data_file"] = str(self.data_file) if self.data_file else None
         data["fusion"] = self.fusion.to_dict() if self.fusion else None
         data["parity"] = self.parity
         return data
@@ -155,7 +158,7 @@ def _torch_export(model: nn.Module, example: torch.Tensor, path: Path, opset: in
     elif dynamic_batch:
         kwargs["dynamic_axes"] = {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}
     if exporter == "dynamo":
-        kwargs["external_data"] = False
+        kwargs["external_data"] = True  # a temporary file; needed above 2 GiB, loaded back by onnx.load
     sink = io.StringIO()
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
@@ -213,8 +216,13 @@ def ort_session(model: onnx.ModelProto | str | os.PathLike, level: str = "all", 
     options.graph_optimization_level = levels[level]
     options.intra_op_num_threads = threads
     options.log_severity_level = 3
-    source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
-    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+
+    def session(source):
+        return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+
+    if isinstance(model, onnx.ModelProto):
+        return session_source(model, session)
+    return session(str(model))
 
 
 def run_onnx(session, x: torch.Tensor, batch_size: int = 64) -> np.ndarray:
@@ -318,7 +326,7 @@ def export_onnx(model: nn.Module, output: str | os.PathLike, *, meta: Checkpoint
                 exporter: str = "dynamo", simplify: bool = True, verify: bool = True, calib: str | None = None,
                 calib_size: int = 256, check_images: str | None = None, check_size: int = 512,
                 fuse_bn: bool = True, ort_level: str = "all", min_agreement: float | None = None,
-                progress: Callable[[str], None] | None = None) -> ExportResult:
+                external_data: bool | None = None, progress: Callable[[str], None] | None = None) -> ExportResult:
     """Export a plain module to a verified ONNX file at ``output``.
 
     ``model`` must hold ordinary weights (fold a converted model first: ``repconv.export`` does). The
@@ -326,6 +334,7 @@ def export_onnx(model: nn.Module, output: str | os.PathLike, *, meta: Checkpoint
     ``dynamic_batch`` is false (then it is ``batch_size``). ``calib`` (``digits`` or an image folder)
     calibrates int8 and, with ``check_images``, provides the real images the fp16/int8 graphs are checked
     on against the fp32 graph. Nothing is written when a check fails (unless ``verify`` is false).
+    ``external_data``: weights in ``FILE.onnx.data`` (default: only when the graph is over protobuf's 2 GiB).
     """
     say = progress or (lambda _msg: None)
     opset = check_options(output, dtype=dtype, exporter=exporter, ort_level=ort_level, calib=calib, opset=opset)
@@ -374,11 +383,12 @@ def export_onnx(model: nn.Module, output: str | os.PathLike, *, meta: Checkpoint
     _set_metadata(graph, metadata_props(meta, dtype=dtype, opset=opset, exporter=exporter,
                                         dynamic_batch=dynamic_batch, batch_size=batch_size, ort_level=ort_level,
                                         fused_bn=bool(fusion and fusion.fused)))
-    say("checking (onnx.checker, full)")
-    _full_check(graph)
-    path = _write(graph, output)
+    external = too_large(graph) if external_data is None else external_data
+    say("writing and checking (onnx.checker, full)")
+    path = _write(graph, output, external)
     return ExportResult(path, dtype, opset, exporter, dynamic_batch, ort_level, ops_before, op_counts(graph), checks,
-                        path.stat().st_size, {p.key: p.value for p in graph.metadata_props}, fusion, verify, notes)
+                        size_on_disk(path), {p.key: p.value for p in graph.metadata_props}, fusion,
+                        data_file(path) if external else None, verify, notes)
 
 
 def check_options(output: str | os.PathLike, *, dtype: str = "fp32", exporter: str = "dynamo",
@@ -434,20 +444,23 @@ def _lower_precision(graph: onnx.ModelProto, dtype: str, meta: CheckpointMeta, c
     return lowered
 
 
-def _full_check(graph: onnx.ModelProto) -> None:
-    if graph.ByteSize() > PROTOBUF_LIMIT:
-        raise OutputError(f"the ONNX graph is {graph.ByteSize() / 2**30:.1f} GiB, over protobuf's 2 GiB limit",
-                          "models this large are not supported by repconv export yet")
+def _full_check(path: Path) -> None:
+    """onnx.checker on the written file (a path, so that graphs with external weights are checked too)."""
     try:
-        onnx.checker.check_model(graph, full_check=True)
+        onnx.checker.check_model(str(path), full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
         first = (str(exc).strip().splitlines() or ["?"])[0][:300]
         raise VerificationError(f"onnx.checker rejects the exported graph: {first}; nothing was written",
                                 "try --exporter legacy or --no-simplify") from exc
 
 
-def _write(graph: onnx.ModelProto, output: str | os.PathLike) -> Path:
-    output = Path(output)
-    with atomic_path(output) as tmp:
-        onnx.save_model(graph, str(tmp))
+def _write(graph: onnx.ModelProto, output: str | os.PathLike, external: bool) -> Path:
+    """Write and check the file in a temporary folder beside ``output``, then move it (weights first) in place."""
+    output = check_output_path(output)
+    with tempfile.TemporaryDirectory(prefix=f".{output.name}.", dir=output.parent) as tmp:
+        staged = save_onnx(graph, Path(tmp) / output.name, external)
+        _full_check(staged)
+        if external:
+            os.replace(data_file(staged), data_file(output))
+        os.replace(staged, output)
     return output

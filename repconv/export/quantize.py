@@ -15,6 +15,7 @@ import onnx
 import torch
 
 from repconv.errors import DataError, DependencyError
+from repconv.export.external_data import data_file, save_onnx, too_large
 
 # Kept in fp32 by the fp16 pass: reductions and normalizations whose intermediate values overflow or
 # lose too much precision in fp16 (variance of activations, softmax sums), on top of onnxruntime's defaults.
@@ -28,7 +29,10 @@ def to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
     from onnxruntime.transformers.onnx_model import OnnxModel
 
     keep = sorted(set(DEFAULT_OP_BLOCK_LIST) | set(FP16_KEEP_FP32))
-    converted = OnnxModel(convert_float_to_float16(model, keep_io_types=True, op_block_list=keep))
+    with tempfile.TemporaryDirectory(prefix="repconv-fp16-") as tmp:
+        # Above 2 GiB the converter's shape inference needs a file (infer_shapes_path).
+        source = str(save_onnx(model, Path(tmp) / "fp32.onnx", external=True)) if too_large(model) else model
+        converted = OnnxModel(convert_float_to_float16(source, keep_io_types=True, op_block_list=keep))
     converted.topological_sort()  # the converter appends the input casts at the end of the node list
     return converted.model
 
@@ -63,13 +67,15 @@ def _quantize(model: onnx.ModelProto, reader) -> onnx.ModelProto:
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
+    large = too_large(model)
     with tempfile.TemporaryDirectory(prefix="repconv-int8-") as tmp:
         src, pre, dst = (Path(tmp) / n for n in ("fp32.onnx", "pre.onnx", "int8.onnx"))
-        onnx.save_model(model, src)
-        quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
+        save_onnx(model, src, external=large)
+        quant_pre_process(str(src), str(pre), skip_symbolic_shape=True, save_as_external_data=large,
+                          external_data_location=data_file(pre).name)
         quantize_static(str(pre), str(dst), reader, quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        reduce_range=True)
+                        reduce_range=True, use_external_data_format=large)
         return onnx.load(dst)
 
 

@@ -273,8 +273,16 @@ def bench_target(target: Target, inputs_for: InputsFor, options: BenchOptions,
 
 
 def _size_on_disk(path: Path) -> int:
+    """The file plus what it needs beside it: an engine's sidecar, an ONNX file's external weights."""
     from repconv.runtime.tensorrt import sidecar_path
 
+    if path.suffix == ".onnx":
+        import onnx
+        from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+        graph = onnx.load(str(path), load_external_data=False).graph
+        weights = {ExternalDataInfo(t).location for t in graph.initializer if uses_external_data(t)}
+        return path.stat().st_size + sum((path.parent / name).stat().st_size for name in weights)
     extra = sidecar_path(path)
     return path.stat().st_size + (extra.stat().st_size if extra.is_file() and path.suffix == ".engine" else 0)
 
