@@ -10,7 +10,9 @@ from __future__ import annotations
 import os
 import tempfile
 import weakref
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import onnx
 from google.protobuf.message import EncodeError
@@ -18,6 +20,7 @@ from onnx.external_data_helper import load_external_data_for_model
 
 PROTOBUF_LIMIT = 2**31 - 1
 SUFFIX = ".data"
+T = TypeVar("T")
 
 
 def data_file(path: str | os.PathLike) -> Path:
@@ -42,26 +45,21 @@ def save_onnx(model: onnx.ModelProto, path: str | os.PathLike, external: bool) -
         return path
     onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                     location=data_file(path).name, size_threshold=1024)
+    os.chmod(data_file(path), path.stat().st_mode & 0o777)  # onnx creates it 0600; it belongs with the graph
     load_external_data_for_model(model, str(path.parent))
     return path
 
 
-def size_on_disk(path: str | os.PathLike) -> int:
-    """Bytes of an ONNX file plus its external weights, if it has them."""
-    path, data = Path(path), data_file(path)
-    return path.stat().st_size + (data.stat().st_size if data.is_file() else 0)
-
-
-def session_source(model: onnx.ModelProto, owner_factory):
-    """``owner_factory(source)`` with ``source`` the serialized model, or, above the limit, the path of a
-    temporary copy with external weights that lives as long as the object the factory returns."""
+def open_proto(model: onnx.ModelProto, opener: Callable[[bytes | str], T]) -> T:
+    """``opener(source)`` (an ONNX Runtime session, say), ``source`` being the serialized model or, above
+    the limit, the path of a temporary copy with external weights that lives as long as what it opened."""
     if not too_large(model):
-        return owner_factory(model.SerializeToString())
+        return opener(model.SerializeToString())
     folder = tempfile.TemporaryDirectory(prefix="repconv-large-")
     try:
-        owner = owner_factory(str(save_onnx(model, Path(folder.name) / "model.onnx", external=True)))
+        opened = opener(str(save_onnx(model, Path(folder.name) / "model.onnx", external=True)))
     except BaseException:
         folder.cleanup()
         raise
-    weakref.finalize(owner, folder.cleanup)
-    return owner
+    weakref.finalize(opened, folder.cleanup)
+    return opened

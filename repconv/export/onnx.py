@@ -32,7 +32,7 @@ from repconv.convert.graph import example_input
 from repconv.convert.replacement import replaced_units
 from repconv.errors import InputFileError, OutputError, RepconvError, VerificationError
 from repconv.export import quantize
-from repconv.export.external_data import data_file, save_onnx, session_source, size_on_disk, too_large
+from repconv.export.external_data import data_file, open_proto, save_onnx, too_large
 
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
 DTYPES = ("fp32", "fp16", "int8")
@@ -221,7 +221,7 @@ def ort_session(model: onnx.ModelProto | str | os.PathLike, level: str = "all", 
         return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
 
     if isinstance(model, onnx.ModelProto):
-        return session_source(model, session)
+        return open_proto(model, session)
     return session(str(model))
 
 
@@ -371,7 +371,10 @@ def export_onnx(model: nn.Module, output: str | os.PathLike, *, meta: Checkpoint
                 _raise_failed(checks[-1])
 
     check("export", graph)
-    if simplify:
+    if simplify and too_large(graph):
+        notes.append("onnxslim was skipped: it cannot size a graph over protobuf's 2 GiB limit (ONNX Runtime "
+                     "still applies its own graph optimizations when it loads the file)")
+    elif simplify:
         say("simplifying (onnxslim)")
         graph = _simplify(graph)
         check("simplify", graph)
@@ -386,9 +389,10 @@ def export_onnx(model: nn.Module, output: str | os.PathLike, *, meta: Checkpoint
     external = too_large(graph) if external_data is None else external_data
     say("writing and checking (onnx.checker, full)")
     path = _write(graph, output, external)
+    weights = data_file(path) if external else None
+    size = path.stat().st_size + (weights.stat().st_size if weights else 0)
     return ExportResult(path, dtype, opset, exporter, dynamic_batch, ort_level, ops_before, op_counts(graph), checks,
-                        size_on_disk(path), {p.key: p.value for p in graph.metadata_props}, fusion,
-                        data_file(path) if external else None, verify, notes)
+                        size, {p.key: p.value for p in graph.metadata_props}, fusion, weights, verify, notes)
 
 
 def check_options(output: str | os.PathLike, *, dtype: str = "fp32", exporter: str = "dynamo",
