@@ -165,7 +165,7 @@ def main() -> None:
                 x = np.random.default_rng(0).standard_normal((b, 3, 224, 224), dtype=np.float32)
                 p = profile(path, x, args.threads, args.warmup, args.runs, Path(tmp) / f"{name}_b{b}")
                 conv_ms = p["ops"].get("Conv", {}).get("kernel_ms", 0.0)
-                p["conv_gmacs_per_s"] = counts["macs"] * b / (conv_ms * 1e-3) / 1e9 if conv_ms else None
+                p["conv_gmacs_per_s"] = gmacs(counts["macs"] * b, conv_ms)
                 entry[f"b{b}"] = p
     result["matmul_2048_gmacs_per_s"] = matmul_peak(args.threads)
     base = result["models"]["resnet50"]

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import tempfile
 import zipfile
 from collections import OrderedDict
@@ -25,7 +24,7 @@ import torch
 from torch import nn
 
 from repconv import __version__
-from repconv.convert.graph import trace
+from repconv.convert.graph import FX_CONSTANT, trace
 from repconv.convert.plan import Plan
 from repconv.errors import ArchError, InputFileError, OutputError, RepconvError
 from repconv.models import ArchSpec, build_on_meta, infer_num_classes, resolve_arch
@@ -233,9 +232,6 @@ def _is_state_dict(obj: dict) -> bool:
 
 
 # ---------------------------------------------------------------- building models
-
-
-FX_CONSTANT = re.compile(r"_tensor_constant\d+")
 
 
 def fit_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], arch: str, path: Path | None) -> None:

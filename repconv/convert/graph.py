@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import importlib.util
 import linecache
+import re
 import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -16,6 +17,8 @@ from torch.fx.passes.shape_prop import ShapeProp
 from repconv.errors import TraceError
 
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+# What fx names the tensors a forward creates (stored on the traced root); they belong to the graph, not the weights
+FX_CONSTANT = re.compile(r"_tensor_constant\d+")
 
 
 def _timm_leaves() -> tuple[set[type], set]:
@@ -94,7 +97,7 @@ def trace(model: nn.Module, leaves: Iterable[str] = ()) -> fx.GraphModule:
         # ones already there: left in place, a second trace of the same model names them differently, and a
         # saved conversion no longer fits the model rebuilt at load time (torchvision maxvit_t)
         for name in set(vars(model)) - attributes:
-            if name.startswith("_tensor_constant"):
+            if FX_CONSTANT.fullmatch(name):
                 delattr(model, name)
     _reattach_unused(gm, model)
     gm.train(was_training)

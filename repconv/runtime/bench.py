@@ -264,27 +264,12 @@ def bench_target(target: Target, inputs_for: InputsFor, options: BenchOptions,
     result = TargetResult(
         label=target.label, path=str(target.path), backend=session.backend, device=session.device,
         dtype=session.info.dtype, input_size=list(session.input_size), params=session.count_params(),
-        macs=session.count_macs(), file_bytes=_size_on_disk(target.path), load_seconds=load_seconds,
+        macs=session.count_macs(), file_bytes=sum(f.stat().st_size for f in session.files()), load_seconds=load_seconds,
         peak_memory_bytes=max(0, peak - before), peak_rss_bytes=peak,
         cuda_peak_bytes=torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
         timings=timings, skipped=skipped)
     session.close()
     return result, first
-
-
-def _size_on_disk(path: Path) -> int:
-    """The file plus what it needs beside it: an engine's sidecar, an ONNX file's external weights."""
-    from repconv.runtime.tensorrt import sidecar_path
-
-    if path.suffix == ".onnx":
-        import onnx
-        from onnx.external_data_helper import ExternalDataInfo, uses_external_data
-
-        graph = onnx.load(str(path), load_external_data=False).graph
-        weights = {ExternalDataInfo(t).location for t in graph.initializer if uses_external_data(t)}
-        return path.stat().st_size + sum((path.parent / name).stat().st_size for name in weights)
-    extra = sidecar_path(path)
-    return path.stat().st_size + (extra.stat().st_size if extra.is_file() and path.suffix == ".engine" else 0)
 
 
 def run_bench(targets: Sequence[Target], options: BenchOptions, progress: Progress | None = None) -> BenchReport:

@@ -66,6 +66,10 @@ class Session(abc.ABC):
     def count_macs(self) -> int | None:
         """Multiply-accumulates of one image at the artifact's input size."""
 
+    def files(self) -> list[Path]:
+        """The files the artifact is made of (what a copy of it must take along)."""
+        return [self.path]
+
     def close(self) -> None:  # noqa: B027 (optional hook: most backends hold nothing to release)
         pass
 
@@ -191,6 +195,13 @@ class OrtSession(Session):
 
     def count_macs(self) -> int:
         return onnx_macs(self.proto)
+
+    def files(self) -> list[Path]:
+        """The graph, and the external weight files its initializers name (``model.onnx.data`` and such)."""
+        from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+        weights = {ExternalDataInfo(t).location for t in self.proto.graph.initializer if uses_external_data(t)}
+        return [self.path, *(self.path.parent / name for name in sorted(weights))]
 
 
 _WEIGHT_TYPES = {1, 2, 3, 6, 10, 11, 16}  # float, uint8, int8, int32, float16, double, bfloat16

@@ -194,6 +194,9 @@ class TensorRTSession(Session):
     def _dtype(self, name: str) -> torch.dtype:
         return _TORCH_DTYPES[self.engine.get_tensor_dtype(name).name]
 
+    def files(self) -> list[Path]:
+        return [self.path, sidecar_path(self.path)]
+
     def batch_limits(self) -> tuple[int, int | None]:
         shapes = self.sidecar.inputs[self.input_names[0]]
         return shapes["min"][0], shapes["max"][0]
