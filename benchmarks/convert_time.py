@@ -30,7 +30,7 @@ def wall(cmd: list[str]) -> float:
 
 def in_process(ckpt: Path, out: Path) -> dict[str, float]:
     import repconv
-    from repconv.checkpoint import load
+    from repconv.checkpoint import load_checkpoint as load
 
     t0 = time.perf_counter()
     loaded = load(ckpt, arch="resnet50")

@@ -47,7 +47,7 @@ def worker(path: str, trainable: str, batch: int, size: int, steps: int, threads
 
     import torch
 
-    from repconv.checkpoint import load
+    from repconv.checkpoint import load_checkpoint as load
     from repconv.train.loop import TrainConfig, make_optimizer, objective_loss, set_trainable
 
     torch.set_num_threads(threads)
@@ -113,7 +113,7 @@ def main() -> None:
         print(json.dumps(worker(*args.worker, args.batch_size, args.size, args.steps, args.threads)))
         return
 
-    from repconv.checkpoint import write_text_atomic
+    from repconv.io import write_text_atomic
 
     err = Console(stderr=True)
     rows = {}

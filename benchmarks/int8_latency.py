@@ -23,8 +23,9 @@ from rich.console import Console
 from rich.table import Table
 
 from repconv.checkpoint import CheckpointMeta
-from repconv.export.onnx import export_onnx, ort_session
+from repconv.export.onnx import export_onnx
 from repconv.models import resolve_arch
+from repconv.onnx_graph import ort_session
 
 TARGET_SPEEDUP = 1.5
 
@@ -39,7 +40,7 @@ def randomize_bn(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
 
 
 def time_session(path: Path, x: torch.Tensor, repeats: int, warmup: int, threads: int) -> list[float]:
-    session = ort_session(path, "all", threads=threads)
+    session = ort_session(path, "all", threads=threads, spinning=True)
     feed = {"input": x.numpy()}
     for _ in range(warmup):
         session.run(None, feed)

@@ -53,21 +53,12 @@ def summarize(rounds_ms: Mapping[str, list[float]], baseline: str) -> dict[str, 
     return rows
 
 
-def ort_session(path: str, level: str, threads: int):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.graph_optimization_level = {"basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-                                        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-                                        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}[level]
-    options.intra_op_num_threads = threads
-    options.log_severity_level = 3
-    return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-
-
 def _worker(job: dict) -> dict:
     """Time ONNX files (name -> [path, level]) at each batch: {batch: {name: [round medians]}}."""
-    sessions = {name: ort_session(path, level, job["threads"]) for name, (path, level) in job["models"].items()}
+    from repconv.onnx_graph import ort_session
+
+    sessions = {name: ort_session(path, level, threads=job["threads"], spinning=True)
+                for name, (path, level) in job["models"].items()}
     rng = np.random.default_rng(0)
     result = {}
     for batch in job["batches"]:

@@ -18,8 +18,8 @@ from pathlib import Path
 
 from rich.console import Console
 
-from repconv.checkpoint import write_text_atomic
-from repconv.runtime.bench import cpu_model
+from repconv.io import write_text_atomic
+from repconv.runtime.measure import cpu_model
 
 err = Console(stderr=True)
 

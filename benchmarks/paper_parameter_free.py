@@ -37,7 +37,7 @@ from rich.table import Table
 
 import repconv
 from repconv.convert.fold import fuse_conv_bn
-from repconv.export.onnx import ort_session
+from repconv.onnx_graph import ort_session
 
 FAMILIES = ("resnet50", "mobilenet_v2", "efficientnet_b0")
 POLICIES = ("all", "hybrid")
@@ -89,7 +89,7 @@ def measure_latency(models: dict, size: int, batches: list[int], threads: int, p
                                     name.partition("/")[0])
             with torch.no_grad():
                 ref = model(x[:2])
-            out = ort_session(path, "all", threads).run(None, {"input": x[:2].numpy()})[0]
+            out = ort_session(path, "all", threads=threads, spinning=True).run(None, {"input": x[:2].numpy()})[0]
             rows[name] = {"fold_max_abs_diff": float((folded(x[:2]) - ref).abs().max()),
                           "onnx_max_abs_diff": float(abs(out - ref.numpy()).max())}
             folded_models[name], files[name] = folded, (path, "all")
@@ -163,7 +163,7 @@ def _random_init(trained: Path, output: Path) -> Path:
 
 
 def _val_acc(model: torch.nn.Module, size: int) -> float:
-    from repconv.train.data import digits
+    from repconv.data import digits
     from repconv.train.loop import evaluate
 
     return evaluate(model, digits("val", size, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)))

@@ -20,8 +20,8 @@ from rich.console import Console
 from rich.table import Table
 
 import repconv
-from repconv.train.calibrate import least_harmful
-from repconv.train.data import make_dataset
+from repconv.convert.measure import least_harmful
+from repconv.data import make_dataset
 from repconv.train.loop import evaluate
 
 

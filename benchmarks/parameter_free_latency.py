@@ -31,9 +31,10 @@ from torch import nn
 from repconv import api
 from repconv.checkpoint import CheckpointMeta, write_text_atomic
 from repconv.convert.fold import fuse_conv_bn
-from repconv.export.onnx import export_onnx, ort_session
+from repconv.export.onnx import export_onnx
 from repconv.models import resolve_arch
-from repconv.runtime.bench import cpu_model
+from repconv.onnx_graph import ort_session
+from repconv.runtime.measure import cpu_model
 
 POLICIES = ("all", "hybrid")
 FLOP_LIMIT = {"all": 4.09 / 2.24, "hybrid": 4.09 / 2.59}
@@ -81,7 +82,7 @@ def run(quick: bool, threads: int, size: int, batches: list[int], plain: bool = 
                 reference = model(x[:2])
                 parity = float((folded(x[:2]) - reference).abs().max())
             path = export_for_bench(model, Path(tmp) / f"{name}.onnx", True, size)
-            out = ort_session(path, "all", threads).run(None, {"input": x[:2].numpy()})[0]
+            out = ort_session(path, "all", threads=threads, spinning=True).run(None, {"input": x[:2].numpy()})[0]
             results["models"][name] = {**counts, "fold_max_abs_diff": parity,
                                        "onnx_max_abs_diff": float(np.abs(out - reference.numpy()).max())}
             folded_models[name] = folded

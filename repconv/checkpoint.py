@@ -9,13 +9,10 @@ pickled ``nn.Module`` loads only with ``trust_pickle=True``.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import tempfile
 import zipfile
 from collections import OrderedDict
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,63 +20,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from repconv import __version__
+from repconv._version import __version__
 from repconv.convert.graph import FX_CONSTANT, trace
 from repconv.convert.plan import Plan
-from repconv.errors import ArchError, InputFileError, OutputError, RepconvError
+from repconv.errors import ArchError, InputFileError, RepconvError
+from repconv.io import atomic_path
 from repconv.models import ArchSpec, build_on_meta, infer_num_classes, resolve_arch
 
 FORMAT_VERSION = 1
 META_KEY = "repconv"
 _WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "module")
-
-
-# ---------------------------------------------------------------- atomic output
-
-
-def check_output_path(target: str | os.PathLike) -> Path:
-    """Raise OutputError now if ``target`` could not be written (missing or read-only folder, a folder)."""
-    target = Path(target)
-    folder = target.parent if str(target.parent) else Path(".")
-    if target.is_dir():
-        raise OutputError(f"cannot write '{target}': it is a folder", "give a file name")
-    if not folder.is_dir():
-        raise OutputError(f"cannot write '{target}': folder '{folder}' does not exist", "create it first")
-    if not os.access(folder, os.W_OK):
-        raise OutputError(f"cannot write '{target}': folder '{folder}' is not writable",
-                          "choose another output path")
-    return target
-
-
-@contextlib.contextmanager
-def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside ``target``; rename it onto ``target`` only if the block succeeds."""
-    target = check_output_path(target)
-    folder = target.parent
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=folder)
-    os.close(fd)
-    tmp = Path(tmp)
-    os.chmod(tmp, _file_mode(target))  # mkstemp makes 0600; the file should read like any other the user writes
-    try:
-        yield tmp
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _file_mode(target: Path) -> int:
-    """The mode ``open(target, "w")`` would give: the existing file's, else 0666 less the umask."""
-    with contextlib.suppress(FileNotFoundError):
-        return target.stat().st_mode & 0o777
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-def write_text_atomic(target: str | os.PathLike, text: str) -> Path:
-    with atomic_path(target) as tmp:
-        tmp.write_text(text)
-    return Path(target)
 
 
 # ---------------------------------------------------------------- metadata
@@ -294,9 +244,9 @@ def build_from_meta(meta: CheckpointMeta) -> nn.Module:
     return model
 
 
-def load(path: str | os.PathLike, *, arch: str | None = None, num_classes: int | None = None,
-         trust_pickle: bool = False) -> Loaded:
-    """Read any supported checkpoint into a module, with its metadata."""
+def read_checkpoint(path: str | os.PathLike, *, arch: str | None = None, num_classes: int | None = None,
+                    trust_pickle: bool = False) -> Loaded:
+    """Read any supported checkpoint file into a module, with its metadata."""
     path = Path(path)
     _check_file(path)
     with path.open("rb") as f:
@@ -335,6 +285,28 @@ def _from_state_dict(sd: dict[str, torch.Tensor], path: Path, arch: str | None, 
     fit_state_dict(model, sd, spec.name, path)
     model.eval()
     return Loaded(model, CheckpointMeta.for_arch(spec, kwargs), path)
+
+
+# ---------------------------------------------------------------- the public functions
+
+ModelLike = str | os.PathLike | nn.Module | Loaded
+
+
+def load_checkpoint(model: ModelLike, *, arch: str | None = None, num_classes: int | None = None,
+                    trust_pickle: bool = False) -> Loaded:
+    """A path, a module or a Loaded -> Loaded (module + metadata)."""
+    if isinstance(model, Loaded):
+        return model
+    if isinstance(model, nn.Module):
+        meta = CheckpointMeta.for_arch(resolve_arch(arch)) if arch else CheckpointMeta()
+        return Loaded(model, meta)
+    return read_checkpoint(model, arch=arch, num_classes=num_classes, trust_pickle=trust_pickle)
+
+
+def load(path: str | os.PathLike, *, arch: str | None = None, num_classes: int | None = None,
+         trust_pickle: bool = False) -> nn.Module:
+    """Read any checkpoint repconv accepts and return the module (converted ones come back converted)."""
+    return load_checkpoint(path, arch=arch, num_classes=num_classes, trust_pickle=trust_pickle).model
 
 
 # ---------------------------------------------------------------- writing

@@ -18,11 +18,20 @@ from typing import Any
 import torch
 from torch import nn
 
-from repconv import api
+from repconv.checkpoint import load, load_checkpoint
+from repconv.conversion import check_round_trip, convert, fold
 from repconv.convert.graph import count_flops, count_params, example_input
+from repconv.data import make_dataset
 from repconv.errors import InputFileError, OutputError, VerificationError
-from repconv.report import RUN_FILE, Parity, PlanRow, RunRecord, Stage, write_report
-from repconv.runtime.bench import machine_info
+from repconv.export.deploy import export
+from repconv.onnx_graph import ort_session, run_onnx
+from repconv.report import RUN_FILE, ParityRecord, PlanRow, RunRecord, Stage, write_report
+from repconv.runtime.bench import bench
+from repconv.runtime.measure import machine_info
+from repconv.train.loop import evaluate
+from repconv.train.recover import calibrate, finetune, train
+
+__all__ = ["DemoResult", "demo"]
 
 DATA = "digits"
 
@@ -97,20 +106,14 @@ class _Steps:
 
 
 def _val_set(meta):
-    from repconv.train.data import make_dataset
-
     return make_dataset(DATA, "val", meta.input_size, meta.mean, meta.std)
 
 
 def _torch_accuracy(model: nn.Module, val_set) -> float:
-    from repconv.train.loop import evaluate
-
     return evaluate(model, val_set)
 
 
 def _onnx_accuracy(path: Path, val_set) -> float:
-    from repconv.export.onnx import ort_session, run_onnx
-
     x, y = val_set.tensors
     logits = run_onnx(ort_session(path), x)
     return float((torch.from_numpy(logits).argmax(1) == y).float().mean())
@@ -140,7 +143,7 @@ def _original(run: RunRecord, out: Path, cfg: DemoConfig, step, progress: bool) 
     path = out / "original.repconv.safetensors"
     if path.exists():
         with step(f"reusing the trained {cfg.arch} from {path}") as t:
-            loaded = api.load_checkpoint(path)
+            loaded = load_checkpoint(path)
             from repconv.models import resolve_arch
 
             if loaded.meta.arch != resolve_arch(cfg.arch).name:
@@ -150,9 +153,9 @@ def _original(run: RunRecord, out: Path, cfg: DemoConfig, step, progress: bool) 
         note = ["reused from the output folder (delete it to train again)"]
     else:
         with step(f"training {cfg.arch} on digits ({cfg.train_epochs} epochs)") as t:
-            trained = api.train(cfg.arch, data=DATA, output=path, replace=False, epochs=cfg.train_epochs,
+            trained = train(cfg.arch, data=DATA, output=path, replace=False, epochs=cfg.train_epochs,
                                 warmup_epochs=0.5, progress=progress)
-            loaded = api.load_checkpoint(path)
+            loaded = load_checkpoint(path)
             acc = _torch_accuracy(loaded.model, _val_set(loaded.meta))
         note = [f"trained from scratch for {trained.epochs} epochs; final train loss {trained.train_loss:.4f}"]
         _drop_resume_state(path)
@@ -170,11 +173,11 @@ def _drop_resume_state(path: Path) -> None:
 def _convert(run: RunRecord, out: Path, original: Path, name: str, step, **options) -> tuple[Path, Any]:
     path = out / f"{name}.repconv.safetensors"
     with step(f"converting: {name}") as t:
-        conv = api.convert(original, output=path, **options)
-        round_trip = api.check_round_trip(conv, path)
+        conv = convert(original, output=path, **options)
+        round_trip = check_round_trip(conv, path)
         acc = _torch_accuracy(conv.model, _val_set(conv.meta))
     s = conv.summary
-    parity = [Parity("in-memory conversion", round_trip, round_trip, None, "reloaded file vs in-memory model")]
+    parity = [ParityRecord("in-memory conversion", round_trip, round_trip, None, "reloaded file vs in-memory model")]
     run.add(Stage(name, "converted", options["method"], _rel(out, path), _size(path), acc, s.params_after,
                   s.trainable_params, s.macs_after, parity, t["seconds"]))
     return path, conv
@@ -183,7 +186,7 @@ def _convert(run: RunRecord, out: Path, original: Path, name: str, step, **optio
 def _calibrate(run: RunRecord, out: Path, converted: Path, original: Path, cfg: DemoConfig, step) -> Path:
     path = out / "replacement-calibrated.repconv.safetensors"
     with step("calibrating the replaced units' scalars (function space)") as t:
-        cal = api.calibrate(converted, teacher=original, data=DATA, output=path, batches=cfg.calib_batches,
+        cal = calibrate(converted, teacher=original, data=DATA, output=path, batches=cfg.calib_batches,
                             max_iter=cfg.calib_iters)
     prev = run.stage("replacement")
     scalars = ", ".join(f"{u['unit']}: a {u['a_before']:.3f} -> {u['a']:.3f}, b {u['b_before']:.3f} -> {u['b']:.3f}"
@@ -199,7 +202,7 @@ def _finetune(run: RunRecord, out: Path, source: Path, original: Path, name: str
               epochs: int, cfg: DemoConfig, step, progress: bool) -> Path:
     path = out / f"{name}.repconv.safetensors"
     with step(f"fine-tuning {name} (distillation + labels, training {train}, {epochs} epochs)") as t:
-        res = api.finetune(source, data=DATA, output=path, teacher=original, objective="both", train=train,
+        res = finetune(source, data=DATA, output=path, teacher=original, objective="both", train=train,
                            epochs=epochs, lr=3e-3, batches_per_epoch=cfg.finetune_batches, progress=progress)
     prev = run.stages[-1]
     run.add(Stage(name, "finetuned", method, _rel(out, path), _size(path), res.val_acc, res.total_params,
@@ -213,9 +216,9 @@ def _fold(run: RunRecord, out: Path, source: Path, name: str, step) -> Path:
     path = out / f"{name}.safetensors"
     reference = run.stages[-1]
     with step(f"folding {reference.name} into static weights") as t:
-        res = api.fold(source, output=path)
+        res = fold(source, output=path)
         acc = _torch_accuracy(res.model, _val_set(res.meta))
-    parity = [Parity(reference.name, res.parity.max_abs, res.parity.max_rel, None,
+    parity = [ParityRecord(reference.name, res.parity.max_abs, res.parity.max_rel, None,
                      f"random inputs, batch {', '.join(map(str, res.parity.batch_sizes))}")]
     params = count_params(res.model)
     notes = [f"original architecture: {res.original_architecture}; folded units: {', '.join(res.folded_units)}",
@@ -234,7 +237,7 @@ def _export(run: RunRecord, out: Path, source: Path, name: str, dtype: str, cfg:
     with step(f"exporting {reference.name} to ONNX {dtype}") as t:
         options = {"calib": DATA, "check_images": DATA} if dtype == "int8" else {}
         try:
-            res = api.export(source, path, dtype=dtype, exporter=cfg.exporter,
+            res = export(source, path, dtype=dtype, exporter=cfg.exporter,
                              progress=lambda m: say(f"      {m}"), **options)
         except VerificationError as exc:
             if dtype == "fp32":
@@ -242,14 +245,14 @@ def _export(run: RunRecord, out: Path, source: Path, name: str, dtype: str, cfg:
             refused = exc
         else:
             refused = None
-            acc = _onnx_accuracy(path, _val_set(api.load_checkpoint(source).meta))
+            acc = _onnx_accuracy(path, _val_set(load_checkpoint(source).meta))
     if refused is not None:  # a lower precision that fails its check is reported, and the demo goes on
         note = f"NOT EXPORTED: {dtype} failed verification: {refused}"
         say(note)
         run.notes.append(f"{name}: {note}")
         run.add(Stage(name, "onnx", reference.method, None, None, None, None, None, None, [], t["seconds"], [note]))
         return None
-    parity = [Parity("pytorch" if c.reference == "pytorch" else f"onnx fp32 ({c.stage} step)", c.max_abs,
+    parity = [ParityRecord("pytorch" if c.reference == "pytorch" else f"onnx fp32 ({c.stage} step)", c.max_abs,
                      c.max_rel, c.top1_agreement, f"{c.stage}: {c.inputs}, batch {list(c.batch_sizes)}")
               for c in res.checks]
     run.add(Stage(name, "onnx", reference.method, _rel(out, path), res.file_size, acc, None, None, None, parity,
@@ -262,7 +265,7 @@ def _plan_rows(finetuned: Path, pf_conversion) -> list[PlanRow]:
     from repconv.convert.replacement import replaced_units
 
     rows = [PlanRow("replacement", unit, [s.prev, s.next], {"a": s.a.item(), "b": s.b.item()})
-            for unit, s in replaced_units(api.load(finetuned)).items()]
+            for unit, s in replaced_units(load(finetuned)).items()]
     if pf_conversion is not None:
         from repconv.convert.parameter_free import describe_step
 
@@ -274,7 +277,7 @@ def _plan_rows(finetuned: Path, pf_conversion) -> list[PlanRow]:
 
 def _bench(run: RunRecord, out: Path, artifacts: list[Path], cfg: DemoConfig, step, say: Say) -> None:
     with step(f"benchmarking {len(artifacts)} artifacts, batch {', '.join(map(str, cfg.bench_batches))}"):
-        res = api.bench([str(p) for p in artifacts], batches=cfg.bench_batches, repeats=cfg.bench_repeats,
+        res = bench([str(p) for p in artifacts], batches=cfg.bench_batches, repeats=cfg.bench_repeats,
                         json_out=out / "bench.json", progress=lambda m, *_: say(f"      {m}"))
     run.bench = res.to_dict()
     # the demo's own work keeps the load near its thread count, so judge by the load before it started
@@ -287,8 +290,8 @@ def _bench(run: RunRecord, out: Path, artifacts: list[Path], cfg: DemoConfig, st
 # ---------------------------------------------------------------- the demo
 
 
-def run_demo(out: str | Path = "repconv-demo", *, quick: bool = False, progress: bool = True,
-             say: Say | None = None) -> DemoResult:
+def demo(out: str | Path = "repconv-demo", *, quick: bool = False, progress: bool = True,
+         say: Say | None = None) -> DemoResult:
     """Run the whole pipeline into ``out``; returns the run record and the report's path."""
     say = say or (lambda _m: None)
     cfg = QUICK if quick else FULL
@@ -305,7 +308,7 @@ def run_demo(out: str | Path = "repconv-demo", *, quick: bool = False, progress:
     step = _Steps(12, say)
 
     original = _original(run, out, cfg, step, progress)
-    meta = api.load_checkpoint(original).meta
+    meta = load_checkpoint(original).meta
     run.data = {"name": DATA, "split": "val", "images": len(_val_set(meta)), "input_size": list(meta.input_size)}
 
     rep, _ = _convert(run, out, original, "replacement", step, method="replacement")

@@ -19,9 +19,12 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from repconv import __version__
-from repconv.checkpoint import write_text_atomic
+from repconv._version import __version__
 from repconv.errors import InputFileError
+from repconv.formatting import human, human_bytes, pct
+from repconv.io import write_text_atomic
+
+__all__ = ["ParityRecord", "PlanRow", "ReportResult", "RunRecord", "Stage", "report", "write_report"]
 
 RUN_FILE = "run.json"
 RUN_FORMAT = "repconv-run"
@@ -32,7 +35,7 @@ RUN_VERSION = 1
 
 
 @dataclass
-class Parity:
+class ParityRecord:
     """How far one stage's outputs are from its reference's (the stage it was made from)."""
 
     reference: str  # name of the reference stage
@@ -55,14 +58,14 @@ class Stage:
     params: int | None = None
     trainable_params: int | None = None  # parameters the stage that made it trained (fine-tuning)
     macs: int | None = None  # multiply-accumulates for one image
-    parity: list[Parity] = field(default_factory=list)
+    parity: list[ParityRecord] = field(default_factory=list)
     seconds: float | None = None  # wall time of the stage that made it
     notes: list[str] = field(default_factory=list)
 
     @classmethod
     def from_dict(cls, data: dict) -> Stage:
         data = _known(cls, data)
-        data["parity"] = [Parity(**_known(Parity, p)) for p in data.get("parity", [])]
+        data["parity"] = [ParityRecord(**_known(ParityRecord, p)) for p in data.get("parity", [])]
         return cls(**data)
 
 
@@ -293,28 +296,6 @@ def _e(v: Any) -> str:
     return html.escape(str(v))
 
 
-def _num(n: float | None, unit: str = "") -> str:
-    if n is None:
-        return "-"
-    for scale, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "K")):
-        if abs(n) >= scale:
-            return f"{n / scale:.2f}{suffix}{unit}"
-    return f"{n:g}{unit}"
-
-
-def _bytes(n: int | None) -> str:
-    if n is None:
-        return "-"
-    for scale, suffix in ((2**30, "GiB"), (2**20, "MiB"), (2**10, "KiB")):
-        if n >= scale:
-            return f"{n / scale:.2f} {suffix}"
-    return f"{n} B"
-
-
-def _pct(v: float | None) -> str:
-    return "-" if v is None else f"{100 * v:.2f}%"
-
-
 def _table(headers: Sequence[str], rows: Iterable[Sequence[Any]], numeric: Sequence[int] = (),
            cls: str = "") -> str:
     head = "".join(f"<th>{_e(h)}</th>" for h in headers)
@@ -337,8 +318,8 @@ def _stages_section(run: RunRecord) -> str:
     rows = []
     for s in run.stages:
         rows.append([_e(s.name), _e(s.kind), _e(s.method or "-"),
-                     f"<code>{_e(s.artifact)}</code>" if s.artifact else "-", _bytes(s.file_size), _pct(s.val_acc),
-                     _num(s.params), _num(s.trainable_params), _num(s.macs),
+                     f"<code>{_e(s.artifact)}</code>" if s.artifact else "-", human_bytes(s.file_size), pct(s.val_acc),
+                     human(s.params), human(s.trainable_params), human(s.macs),
                      _ratio_text(base.params if base else None, s.params),
                      _ratio_text(base.macs if base else None, s.macs),
                      "-" if s.seconds is None else f"{s.seconds:.1f} s"])
@@ -369,7 +350,7 @@ def _parity_section(run: RunRecord) -> str:
     for s in run.stages:
         for p in s.parity:
             rows.append([_e(s.name), _e(p.reference), f"{p.max_abs:.3g}", f"{p.max_rel:.3g}",
-                         _pct(p.top1_agreement), _e(p.inputs or "-")])
+                         pct(p.top1_agreement), _e(p.inputs or "-")])
     if not rows:
         return "<h2 id=\"parity\">Parity</h2><p class=\"bad\">No stage recorded a parity check.</p>"
     return "<h2 id=\"parity\">Parity of fold and export</h2>" + _table(
@@ -439,3 +420,19 @@ def write_report(run_dir: str | os.PathLike, output: str | os.PathLike | None = 
     run = read_run(run_dir)
     target = Path(output) if output is not None else Path(run_dir) / "report.html"
     return write_text_atomic(target, render_html(run))
+
+
+@dataclass
+class ReportResult:
+    path: Path
+    run_dir: Path
+    summary: dict
+
+    def to_dict(self) -> dict:
+        return {"report": str(self.path), "run_dir": str(self.run_dir), **self.summary}
+
+
+def report(run_dir: str | os.PathLike, output: str | os.PathLike | None = None) -> ReportResult:
+    """Render ``RUN_DIR/run.json`` as one self-contained HTML page (default ``RUN_DIR/report.html``)."""
+    summary = summarize_run(read_run(run_dir))
+    return ReportResult(write_report(run_dir, output), Path(run_dir), summary)

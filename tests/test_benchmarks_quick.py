@@ -108,8 +108,8 @@ def test_parameter_free_latency_quick(tmp_path):
         assert lo <= row["ort_b1_speedup"] <= hi and isinstance(row["meets_target"], bool)
 
 
-def test_paired_speedups():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
+def test_paired_speedups(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # undone after the test, like every monkeypatch
     import latency
 
     rows = latency.summarize({"base": [10.0, 20.0, 12.0], "fast": [5.0, 8.0, 6.0]}, "base")

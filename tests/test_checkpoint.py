@@ -7,7 +7,7 @@ import torch
 import torchvision
 
 import repconv
-from repconv.checkpoint import CheckpointMeta, load, save
+from repconv.checkpoint import CheckpointMeta, load_checkpoint, save
 from repconv.errors import ArchError, InputFileError
 from repconv.models import resolve_arch
 
@@ -30,7 +30,7 @@ def test_torch_save_state_dict_variants(tmp_path, r18_sd, wrap):
            "ddp": {f"module.{k}": v for k, v in r18_sd.items()}}[wrap]
     path = tmp_path / "m.pt"
     torch.save(obj, path)
-    loaded = load(path, arch="resnet18")
+    loaded = load_checkpoint(path, arch="resnet18")
     assert same_weights(loaded.model, r18_sd)
     assert loaded.meta.arch == "torchvision:resnet18"
     assert loaded.meta.arch_kwargs == {"num_classes": 10}  # inferred from the classifier weights
@@ -41,9 +41,9 @@ def test_safetensors_and_prefixes(tmp_path, r18_sd):
 
     path = tmp_path / "m.safetensors"
     save_file({k: v.contiguous() for k, v in r18_sd.items()}, str(path))
-    assert same_weights(load(path, arch="torchvision:resnet18").model, r18_sd)
+    assert same_weights(load_checkpoint(path, arch="torchvision:resnet18").model, r18_sd)
     with pytest.raises(ArchError, match="timm"):
-        load(path, arch="timm:no_such_model_xyz")
+        load_checkpoint(path, arch="timm:no_such_model_xyz")
 
 
 def test_repconv_container_round_trip(tmp_path):
@@ -51,7 +51,7 @@ def test_repconv_container_round_trip(tmp_path):
     spec = resolve_arch("cifar_resnet8")
     model = spec.build(num_classes=7)
     path = save(tmp_path / "c.repconv.safetensors", model, CheckpointMeta.for_arch(spec, {"num_classes": 7}))
-    loaded = load(path)  # no --arch needed
+    loaded = load_checkpoint(path)  # no --arch needed
     assert loaded.meta.arch == "repconv:cifar_resnet8" and loaded.meta.input_size == (3, 32, 32)
     assert same_weights(loaded.model, model.state_dict())
     assert not list(tmp_path.glob("*.part"))
@@ -61,14 +61,14 @@ def test_num_classes_override_must_fit(tmp_path, r18_sd):
     path = tmp_path / "m.pt"
     torch.save(r18_sd, path)
     with pytest.raises(ArchError, match=r"wrong shape: fc.weight \(10, 512\) vs \(5, 512\)"):
-        load(path, arch="resnet18", num_classes=5)
+        load_checkpoint(path, arch="resnet18", num_classes=5)
 
 
 def test_other_architecture_is_a_readable_error(tmp_path, r18_sd):
     path = tmp_path / "m.pt"
     torch.save(r18_sd, path)
     with pytest.raises(ArchError) as info:
-        load(path, arch="resnet34")
+        load_checkpoint(path, arch="resnet34")
     msg = str(info.value)
     assert "do not fit torchvision:resnet34" in msg and "missing" in msg and "check --arch" in msg
     assert "\n" not in msg
@@ -78,14 +78,14 @@ def test_unknown_arch(tmp_path, r18_sd):
     path = tmp_path / "m.pt"
     torch.save(r18_sd, path)
     with pytest.raises(ArchError, match="unknown architecture 'resnet_nine'"):
-        load(path, arch="resnet_nine")
+        load_checkpoint(path, arch="resnet_nine")
 
 
 def test_weights_without_arch(tmp_path, r18_sd):
     path = tmp_path / "m.pt"
     torch.save(r18_sd, path)
     with pytest.raises(ArchError, match="pass --arch"):
-        load(path)
+        load_checkpoint(path)
 
 
 @pytest.mark.parametrize("case", ["missing", "empty", "truncated", "text", "folder"])
@@ -104,7 +104,7 @@ def test_broken_files(tmp_path, r18_sd, case):
     expected = {"missing": "does not exist", "empty": "is empty", "truncated": "truncated or corrupt",
                 "text": "not a PyTorch checkpoint", "folder": "is a folder"}[case]
     with pytest.raises(InputFileError, match=expected):
-        load(path, arch="resnet18")
+        load_checkpoint(path, arch="resnet18")
 
 
 def test_truncated_safetensors(tmp_path, r18_sd):
@@ -114,7 +114,7 @@ def test_truncated_safetensors(tmp_path, r18_sd):
     save_file({k: v.contiguous() for k, v in r18_sd.items()}, str(path))
     path.write_bytes(path.read_bytes()[:1000])
     with pytest.raises(InputFileError, match="not a readable safetensors file"):
-        load(path, arch="resnet18")
+        load_checkpoint(path, arch="resnet18")
 
 
 class _Evil:
@@ -132,7 +132,7 @@ def test_malicious_pickle_never_runs(tmp_path):
     path = tmp_path / "evil.pt"
     torch.save({"state_dict": _Evil(marker)}, path)
     with pytest.raises(InputFileError, match="--trust-pickle"):
-        load(path, arch="resnet18")
+        load_checkpoint(path, arch="resnet18")
     assert not marker.exists()
 
 
@@ -141,10 +141,10 @@ def test_pickled_module_needs_trust(tmp_path):
     path = tmp_path / "whole.pt"
     torch.save(model, path)
     with pytest.raises(InputFileError, match=r"pickled Python object.*--trust-pickle"):
-        load(path)
-    trusted = load(path, trust_pickle=True)
+        load_checkpoint(path)
+    trusted = load_checkpoint(path, trust_pickle=True)
     assert same_weights(trusted.model, model.state_dict())
-    assert same_weights(load(path, arch="resnet18", trust_pickle=True).model, model.state_dict())
+    assert same_weights(load_checkpoint(path, arch="resnet18", trust_pickle=True).model, model.state_dict())
 
 
 def test_torchscript_archive(tmp_path):
@@ -152,14 +152,14 @@ def test_torchscript_archive(tmp_path):
     torch.jit.script(torch.nn.Linear(2, 2)).save(str(path))
     assert zipfile.is_zipfile(path)
     with pytest.raises(InputFileError, match="TorchScript archive"):
-        load(path, arch="resnet18")
+        load_checkpoint(path, arch="resnet18")
 
 
 def test_plain_pickle_file(tmp_path):
     path = tmp_path / "list.pkl"
     path.write_bytes(pickle.dumps([1, 2, 3]))
     with pytest.raises(InputFileError):
-        load(path, arch="resnet18")
+        load_checkpoint(path, arch="resnet18")
 
 
 def test_api_load_returns_module(tmp_path, r18_sd):
@@ -202,7 +202,7 @@ def test_fit_state_dict_leaves_fx_tensor_constants_to_each_side():
 
 
 def test_atomic_files_get_the_mode_a_plain_write_would(tmp_path):
-    from repconv.checkpoint import write_text_atomic
+    from repconv.io import write_text_atomic
 
     old = os.umask(0o022)
     try:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import accuracy
 
 import repconv
 from repconv.convert.graph import count_flops, count_params, example_input
@@ -20,7 +21,7 @@ from repconv.convert.replacement import replaced_units
 from repconv.errors import InputFileError, OutputError
 from repconv.report import (
     RUN_FILE,
-    Parity,
+    ParityRecord,
     PlanRow,
     RunRecord,
     Stage,
@@ -28,8 +29,7 @@ from repconv.report import (
     read_run,
     write_report,
 )
-from repconv.runtime.bench import machine_info
-from tests.conftest import accuracy
+from repconv.runtime.measure import machine_info
 
 
 def _timings(model: torch.nn.Module, batch: int, repeats: int = 15) -> dict:
@@ -65,7 +65,7 @@ def run_dir(tmp_path_factory, digits_checkpoint) -> Path:
     s = conv.summary
     run.add(Stage("replacement", "converted", "replacement", conv.output.name, conv.output.stat().st_size,
                   accuracy(conv.model), s.params_after, s.trainable_params, s.macs_after,
-                  [Parity("in-memory conversion", round_trip, round_trip, None, "reloaded vs in memory")]))
+                  [ParityRecord("in-memory conversion", round_trip, round_trip, None, "reloaded vs in memory")]))
     run.plan = [PlanRow("replacement", u, [m.prev, m.next], {"a": m.a.item(), "b": m.b.item()})
                 for u, m in replaced_units(conv.model).items()]
     targets = [{"label": label, "path": str(out / label), "backend": "torch",

@@ -3,6 +3,7 @@
 import pytest
 import torch
 import torchvision
+from helpers import has_replaceable_unit
 
 import repconv
 from repconv.errors import NothingToReplace
@@ -21,6 +22,7 @@ def check_round_trip(name, tmp_path):
         result = repconv.convert(model, arch=name)
     except NothingToReplace as exc:
         assert "repeated unit" in str(exc)
+        assert not has_replaceable_unit(model), f"{name} has interior units, yet nothing was replaced"
         return None
     assert result.summary.replaced_units
     assert result.summary.params_after < result.summary.params_before

@@ -7,7 +7,8 @@
   and for functional ``F.batch_norm`` calls (timm's ``BatchNormAct2d`` traces to one). Unlike
   ``torch.fx.experimental.optimization.fuse`` it never changes a module in place: a conv called from
   more than one place keeps its original weights for the other call sites.
-* :func:`compare` measures how far two models' outputs are apart on the same inputs.
+* :func:`compare` measures how far two models' outputs are apart on the same inputs
+  (:class:`repconv.onnx_graph.Parity`, the one parity measure of every check).
 
 The math is ``torch.nn.utils.fusion.fuse_conv_bn_weights``; every fused tensor is a new tensor.
 """
@@ -29,6 +30,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from repconv.convert.graph import RepconvTracer, trace
 from repconv.convert.replacement import SCALARS_NAME, replaced_units, synthesized_state
+from repconv.onnx_graph import Parity, parity
 
 # ---------------------------------------------------------------- replacement folding
 
@@ -284,35 +286,16 @@ def _hidden_batch_norms(gm: fx.GraphModule, leaves: Iterable[str]) -> list[dict]
 # ---------------------------------------------------------------- parity
 
 
-@dataclass
-class Parity:
-    """How far a candidate's outputs are from a reference's: max abs, and max abs / max |reference|."""
-
-    max_abs: float
-    max_rel: float
-    batch_sizes: tuple[int, ...] = ()
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def error_stats(reference: torch.Tensor, candidate: torch.Tensor) -> tuple[float, float]:
-    reference, candidate = torch.as_tensor(reference).double(), torch.as_tensor(candidate).double()
-    diff = float((reference - candidate).abs().max()) if reference.numel() else 0.0
-    scale = float(reference.abs().max()) if reference.numel() else 0.0
-    return diff, diff / max(scale, 1e-12)
-
-
 def compare(reference: nn.Module, candidate: nn.Module, inputs: Sequence[torch.Tensor]) -> Parity:
     """Run both models (eval mode, no grad) on each input batch; the worst error over all of them."""
-    worst_abs = worst_rel = 0.0
     reference.eval()
     candidate.eval()
     with torch.no_grad():
-        for x in inputs:
-            diff, rel = error_stats(reference(x), candidate(x))
-            worst_abs, worst_rel = max(worst_abs, diff), max(worst_rel, rel)
-    return Parity(worst_abs, worst_rel, tuple(int(x.shape[0]) for x in inputs))
+        results = [parity(reference(x), candidate(x)) for x in inputs]
+    worst = results[0]
+    for r in results[1:]:
+        worst = worst.worst(r)
+    return worst
 
 
 def has_trivial_bn_statistics(model: nn.Module) -> bool:

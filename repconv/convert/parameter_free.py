@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import fnmatch
 import math
+import typing
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -30,10 +31,10 @@ from torch.nn import functional as F
 
 from repconv.convert.graph import trace
 from repconv.convert.plan import ParameterFreeStep
-from repconv.errors import NothingToReplace, PlanError
+from repconv.errors import NothingToReplace, OptionError, PlanError
+from repconv.options import PfOp, PfPolicy, check_choice
 
-POLICIES = ("all", "hybrid")
-OPS = ("max", "avg")
+POLICIES = typing.get_args(PfPolicy)
 FORMS = ("pool", "avgpool_conv", "token_mixer")
 
 _NORMS = (nn.BatchNorm2d, nn.SyncBatchNorm, nn.GroupNorm, nn.InstanceNorm2d)
@@ -56,12 +57,11 @@ class Target:
 # ---------------------------------------------------------------- the operations
 
 
-def make_pool(op: str, kernel: int, stride: int, padding: int) -> nn.Module:
+def make_pool(op: PfOp, kernel: int, stride: int, padding: int) -> nn.Module:
+    check_choice("pf_op", op, PfOp)
     if op == "max":
         return nn.MaxPool2d(kernel, stride, padding)
-    if op == "avg":
-        return nn.AvgPool2d(kernel, stride, padding, count_include_pad=False)
-    raise PlanError(f"unknown parameter-free op '{op}'", f"use one of {', '.join(OPS)}")
+    return nn.AvgPool2d(kernel, stride, padding, count_include_pad=False)
 
 
 class TokenMixer(nn.Module):
@@ -220,8 +220,9 @@ def _attention_targets(model: nn.Module, gm: fx.GraphModule, exclude: Sequence[s
 # ---------------------------------------------------------------- planning
 
 
-def plan_parameter_free(model: nn.Module, policy: str = "all", op: str = "max", units: Sequence[str] | None = None,
-                        exclude: Sequence[str] = (), leaves: Sequence[str] = ()) -> list[ParameterFreeStep]:
+def plan_parameter_free(model: nn.Module, policy: PfPolicy = "all", op: PfOp = "max",
+                        units: Sequence[str] | None = None, exclude: Sequence[str] = (),
+                        leaves: Sequence[str] = ()) -> list[ParameterFreeStep]:
     """The steps of a parameter-free conversion.
 
     ``policy`` says what each target becomes: ``all`` -> a pool with the conv's kernel and stride;
@@ -229,10 +230,8 @@ def plan_parameter_free(model: nn.Module, policy: str = "all", op: str = "max", 
     pretrained conv at stride 1. Without ``units`` the policy takes every conv target and the attention
     of every other transformer block (1, 3, 5, ...); ``units`` (globs) picks targets explicitly.
     """
-    if policy not in POLICIES:
-        raise PlanError(f"unknown --pf-policy '{policy}'", f"use one of {', '.join(POLICIES)}")
-    if op not in OPS:
-        raise PlanError(f"unknown --pf-op '{op}'", f"use one of {', '.join(OPS)}")
+    check_choice("pf_policy", policy, PfPolicy)
+    check_choice("pf_op", op, PfOp)
     targets = find_targets(model, exclude=exclude, leaves=leaves)
     if not targets:
         raise NothingToReplace(f"{type(model).__name__} has no parameter-free target (no spatial conv with in == out "
@@ -242,15 +241,15 @@ def plan_parameter_free(model: nn.Module, policy: str = "all", op: str = "max", 
         chosen = [t for t in targets if any(fnmatch.fnmatchcase(t.path, g) for g in units)]
         if not chosen:
             shown = ", ".join(t.path for t in targets[:6]) + (", ..." if len(targets) > 6 else "")
-            raise PlanError(f"--pf-units {' '.join(units)} matches no parameter-free target",
-                            f"targets are: {shown} (see `repconv inspect --method parameter-free`)")
+            raise OptionError("pf_units", list(units), "matches no parameter-free target",
+                              f"targets are: {shown} (see `repconv inspect --method parameter-free`)")
     else:
         attention = [t for t in targets if t.kind == "attention"]
         chosen = [t for t in targets if t.kind != "attention" or attention.index(t) % 2 == 1]
     return [_step(t, policy, op) for t in chosen]
 
 
-def _step(t: Target, policy: str, op: str) -> ParameterFreeStep:
+def _step(t: Target, policy: PfPolicy, op: PfOp) -> ParameterFreeStep:
     if t.kind == "attention":
         return ParameterFreeStep(t.path, "token_mixer", op, 3, 1, 1, [], dict(t.options))
     if policy == "hybrid" and t.stride > 1:

@@ -19,7 +19,7 @@ from torch import fx, nn
 
 from repconv.convert.graph import Run
 from repconv.convert.plan import ReplaceStep
-from repconv.errors import PlanError
+from repconv.errors import OptionError
 
 SCALARS_NAME = "replacement"
 
@@ -66,10 +66,9 @@ def select_units(runs: Sequence[Run], *, every: int = 2, units: Sequence[str] | 
     parameters that is replaced, taking units in order until the next would exceed it.
     """
     if every < 2:
-        raise PlanError(f"--every {every} would replace a unit next to another replaced unit",
-                        "use --every 2 or more")
+        raise OptionError("every", every, "would replace a unit next to another replaced unit", "use 2 or more")
     if max_fraction is not None and not 0 < max_fraction <= 1:
-        raise PlanError(f"--max-fraction {max_fraction} is outside (0, 1]", "give a fraction such as 0.25")
+        raise OptionError("max_fraction", max_fraction, "is outside (0, 1]", "give a fraction such as 0.25")
     neighbours = {}
     for run in runs:
         for i, member in enumerate(run.members[1:-1], start=1):
@@ -77,8 +76,8 @@ def select_units(runs: Sequence[Run], *, every: int = 2, units: Sequence[str] | 
     if units:
         chosen = [u for u in neighbours if any(fnmatch.fnmatchcase(u, g) for g in units)]
         if not chosen:
-            raise PlanError(f"--units {' '.join(units)} matches no replaceable unit",
-                            "replaceable units: " + (", ".join(neighbours) or "none") + " (see `repconv inspect`)")
+            raise OptionError("units", list(units), "matches no replaceable unit",
+                              "replaceable units: " + (", ".join(neighbours) or "none") + " (see `repconv inspect`)")
     else:
         chosen = [u for u, (_, _, _, idx) in neighbours.items() if idx % every == 0]
     chosen = _drop_overlaps(chosen, neighbours)

@@ -25,19 +25,29 @@ import onnx
 import torch
 from torch import nn
 
-from repconv import __version__
-from repconv.checkpoint import CheckpointMeta, check_output_path
-from repconv.convert.fold import FusionReport, error_stats, fuse_conv_bn
+from repconv._version import __version__
+from repconv.checkpoint import CheckpointMeta
+from repconv.convert.fold import FusionReport, fuse_conv_bn
 from repconv.convert.graph import example_input
 from repconv.convert.replacement import replaced_units
-from repconv.errors import InputFileError, OutputError, RepconvError, VerificationError
+from repconv.errors import InputFileError, OptionError, OutputError, VerificationError
 from repconv.export import quantize
-from repconv.export.external_data import data_file, open_proto, save_onnx, too_large
+from repconv.io import check_output_path
+from repconv.onnx_graph import (
+    INPUT_NAME,
+    META_PREFIX,
+    OUTPUT_NAME,
+    data_file,
+    max_ort_opset,
+    ort_session,
+    parity,
+    run_onnx,
+    save_onnx,
+    too_large,
+)
+from repconv.options import Dtype, Exporter, OrtLevel, check_choices, with_overrides
 
-INPUT_NAME, OUTPUT_NAME = "input", "logits"
-DTYPES = ("fp32", "fp16", "int8")
-EXPORTERS = ("dynamo", "legacy")
-ORT_LEVELS = ("disable", "basic", "extended", "all")
+__all__ = ["Check", "ExportOptions", "ExportResult", "export_onnx"]
 # fp32: max abs error 1e-4 for logits up to 1 in magnitude, 1e-4 relative beyond (float32 rounding grows
 # with the values: a random ResNet-50 with logits ~150 differs by 1.5e-4 abs, 1e-6 relative).
 FP32_ABS_TOLERANCE = 1e-4
@@ -45,7 +55,38 @@ FP16_REL_TOLERANCE = 1e-2  # max |fp16 - fp32| / max |fp32 logit|
 MIN_AGREEMENT = {"fp16": 0.99, "int8": 0.98}  # top-1 agreement with the fp32 graph on real images
 EXPORT_BATCH = 2  # >= 2: a batch-1 example can make the exporter specialize the batch dim
 VERIFY_BATCHES = (1, 3)  # both differ from the export batch
-META_PREFIX = "repconv."
+
+
+@dataclass
+class ExportOptions:
+    """How to export and check an ONNX file (shared by ``repconv.export`` and ``repconv export``)."""
+
+    dtype: Dtype = "fp32"
+    opset: int | None = None  # default: the newest both onnxruntime and the exporter support
+    dynamic_batch: bool = True
+    batch_size: int = 1  # the batch of a static export
+    exporter: Exporter = "dynamo"
+    simplify: bool = True  # onnxslim
+    verify: bool = True
+    calib: str | None = None  # int8 calibration images: digits or an image folder
+    calib_size: int = 256
+    check_images: str | None = None  # real images fp16/int8 are checked on (default: calib)
+    check_size: int = 512
+    fuse_bn: bool = True
+    ort_level: OrtLevel = "all"  # optimization level of the checks (the deployment's)
+    min_agreement: float | None = None  # top-1 agreement with fp32 (default MIN_AGREEMENT)
+    external_data: bool | None = None  # weights in FILE.onnx.data (None: only above protobuf's 2 GiB)
+
+    def __post_init__(self) -> None:
+        check_choices(self)
+        if self.dtype == "int8" and not self.calib:
+            raise OptionError("calib", None, "is needed for an int8 export (calibration images)",
+                              "give digits or an image folder")
+        for name in ("batch_size", "calib_size", "check_size"):
+            if getattr(self, name) < 1:
+                raise OptionError(name, getattr(self, name), "must be at least 1", "give a positive integer")
+        if self.min_agreement is not None and not 0 <= self.min_agreement <= 1:
+            raise OptionError("min_agreement", self.min_agreement, "is outside [0, 1]", "give a fraction, e.g. 0.98")
 
 
 @dataclass
@@ -99,24 +140,6 @@ class ExportResult:
 # ---------------------------------------------------------------- opsets
 
 
-def max_ort_opset() -> int:
-    """The newest default-domain opset the installed onnxruntime loads (probed with a one-node model)."""
-    import onnxruntime as ort
-    from onnx import TensorProto, helper
-
-    for version in range(onnx.defs.onnx_opset_version(), 6, -1):
-        graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "probe",
-                                  [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
-                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
-        probe = helper.make_model(graph, opset_imports=[helper.make_opsetid("", version)], ir_version=8)
-        try:
-            ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
-            return version
-        except Exception:  # onnxruntime raises its own Fail type for an unsupported opset
-            continue
-    raise RepconvError("the installed onnxruntime loads no ONNX opset", "reinstall onnxruntime")
-
-
 def max_exporter_opset(exporter: str) -> int:
     from torch.onnx import _constants
 
@@ -133,15 +156,15 @@ def resolve_opset(opset: int | None, exporter: str) -> int:
     if opset is None:
         return min(ort_max, exp_max)
     if opset > ort_max:
-        raise RepconvError(f"opset {opset} is newer than onnxruntime {ort.__version__} runs (up to {ort_max})",
-                           f"use --opset {min(ort_max, exp_max)} or upgrade onnxruntime")
+        raise OptionError("opset", opset, f"is newer than onnxruntime {ort.__version__} runs (up to {ort_max})",
+                          f"use {min(ort_max, exp_max)} or upgrade onnxruntime")
     if opset > exp_max:
-        raise RepconvError(f"the {exporter} exporter of torch {torch.__version__} writes opsets up to {exp_max}, "
-                           f"not {opset}", f"use --opset {exp_max}")
+        raise OptionError("opset", opset, f"is newer than the {exporter} exporter of torch {torch.__version__} "
+                          f"writes (up to {exp_max})", f"use {exp_max}")
     low = 18 if exporter == "dynamo" else 9
     if opset < low:
-        raise RepconvError(f"the {exporter} exporter writes opsets from {low} on, not {opset}",
-                           f"use --opset {low} or higher" + (" or --exporter legacy" if exporter == "dynamo" else ""))
+        raise OptionError("opset", opset, f"is older than the {exporter} exporter writes (from {low} on)",
+                          f"use {low} or higher" + (", or the legacy exporter" if exporter == "dynamo" else ""))
     return opset
 
 
@@ -167,8 +190,8 @@ def _torch_export(model: nn.Module, example: torch.Tensor, path: Path, opset: in
     except Exception as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
         other = "legacy" if exporter == "dynamo" else "dynamo"
-        raise RepconvError(f"torch.onnx ({exporter} exporter) cannot export this model: {first}",
-                           f"try --exporter {other}") from exc
+        raise VerificationError(f"torch.onnx ({exporter} exporter) cannot export this model: {first}",
+                                f"try the {other} exporter") from exc
 
 
 def _check_io(model: onnx.ModelProto, dynamic_batch: bool) -> None:
@@ -204,32 +227,6 @@ def _simplify(model: onnx.ModelProto) -> onnx.ModelProto:
 # ---------------------------------------------------------------- running and checking
 
 
-def ort_session(model: onnx.ModelProto | str | os.PathLike, level: str = "all", threads: int = 2):
-    """An onnxruntime CPU session at optimization ``level`` (disable | basic | extended | all)."""
-    import onnxruntime as ort
-
-    levels = {"disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-              "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-              "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-              "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
-    options = ort.SessionOptions()
-    options.graph_optimization_level = levels[level]
-    options.intra_op_num_threads = threads
-    options.log_severity_level = 3
-
-    def session(source):
-        return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
-
-    if isinstance(model, onnx.ModelProto):
-        return open_proto(model, session)
-    return session(str(model))
-
-
-def run_onnx(session, x: torch.Tensor, batch_size: int = 64) -> np.ndarray:
-    return np.concatenate([session.run([OUTPUT_NAME], {INPUT_NAME: chunk.numpy()})[0]
-                           for chunk in x.split(batch_size)])
-
-
 def _run_torch(model: nn.Module, x: torch.Tensor, batch_size: int = 64) -> np.ndarray:
     with torch.no_grad():
         return np.concatenate([model(chunk).numpy() for chunk in x.split(batch_size)])
@@ -237,11 +234,11 @@ def _run_torch(model: nn.Module, x: torch.Tensor, batch_size: int = 64) -> np.nd
 
 def _parity_check(stage: str, model: onnx.ModelProto, references: Sequence[tuple[torch.Tensor, np.ndarray]],
                   level: str, inputs: str) -> Check:
-    session = ort_session(model, level)
+    session = ort_session(model, level=level)
     worst_abs = worst_rel = 0.0
     for x, ref in references:
-        diff, rel = error_stats(torch.from_numpy(ref), torch.from_numpy(run_onnx(session, x)))
-        worst_abs, worst_rel = max(worst_abs, diff), max(worst_rel, rel)
+        p = parity(ref, run_onnx(session, x))
+        worst_abs, worst_rel = max(worst_abs, p.max_abs), max(worst_rel, p.max_rel)
     scale = max(1.0, max(float(np.abs(ref).max()) for _, ref in references))
     tolerance = f"max abs <= {FP32_ABS_TOLERANCE:g}" + (f" x {scale:.3g} (max |logit|)" if scale > 1 else "")
     return Check(stage, "pytorch", inputs, tuple(len(x) for x, _ in references), worst_abs, worst_rel,
@@ -250,9 +247,8 @@ def _parity_check(stage: str, model: onnx.ModelProto, references: Sequence[tuple
 
 def _precision_check(stage: str, model: onnx.ModelProto, x: torch.Tensor, reference: np.ndarray, level: str,
                      inputs: str, min_agreement: float) -> Check:
-    out = run_onnx(ort_session(model, level), x)
-    diff, rel = error_stats(torch.from_numpy(reference), torch.from_numpy(out))
-    agreement = float((out.argmax(1) == reference.argmax(1)).mean())
+    p = parity(reference, run_onnx(ort_session(model, level=level), x))
+    diff, rel, agreement = p.max_abs, p.max_rel, p.top1_agreement
     passed = agreement >= min_agreement and (stage != "fp16" or rel <= FP16_REL_TOLERANCE)
     tolerance = f"top-1 agreement >= {min_agreement:.0%}"
     if stage == "fp16":
@@ -266,7 +262,7 @@ def _raise_failed(check: Check) -> None:
         what += f", top-1 agreement {check.top1_agreement:.1%}"
     raise VerificationError(f"ONNX {check.stage} check failed against {check.reference} on {check.inputs}: "
                             f"{what}; required {check.tolerance}; nothing was written",
-                            "look for an unsupported op, or pass --no-verify to write it anyway")
+                            "look for an unsupported op, or turn verification off to write it anyway")
 
 
 # ---------------------------------------------------------------- metadata
@@ -300,16 +296,6 @@ def metadata_props(meta: CheckpointMeta, *, dtype: str, opset: int, exporter: st
     return {META_PREFIX + k: v for k, v in props.items()}
 
 
-def read_metadata(path: str | os.PathLike) -> dict[str, str]:
-    """The ``repconv.*`` metadata of an ONNX file, without the prefix (weights are not loaded)."""
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception as exc:
-        raise InputFileError(f"'{path}' is not a readable ONNX file ({type(exc).__name__})",
-                             "re-export it with `repconv export`") from exc
-    return {p.key[len(META_PREFIX):]: p.value for p in model.metadata_props if p.key.startswith(META_PREFIX)}
-
-
 def _set_metadata(model: onnx.ModelProto, props: dict[str, str]) -> None:
     kept = [p for p in model.metadata_props if not p.key.startswith(META_PREFIX)]
     del model.metadata_props[:]
@@ -321,23 +307,19 @@ def _set_metadata(model: onnx.ModelProto, props: dict[str, str]) -> None:
 # ---------------------------------------------------------------- the public function
 
 
-def export_onnx(model: nn.Module, output: str | os.PathLike, *, meta: CheckpointMeta, dtype: str = "fp32",
-                opset: int | None = None, dynamic_batch: bool = True, batch_size: int = 1,
-                exporter: str = "dynamo", simplify: bool = True, verify: bool = True, calib: str | None = None,
-                calib_size: int = 256, check_images: str | None = None, check_size: int = 512,
-                fuse_bn: bool = True, ort_level: str = "all", min_agreement: float | None = None,
-                external_data: bool | None = None, progress: Callable[[str], None] | None = None) -> ExportResult:
+def export_onnx(model: nn.Module, output: str | os.PathLike, *, meta: CheckpointMeta,
+                options: ExportOptions | None = None, progress: Callable[[str], None] | None = None,
+                **overrides) -> ExportResult:
     """Export a plain module to a verified ONNX file at ``output``.
 
     ``model`` must hold ordinary weights (fold a converted model first: ``repconv.export`` does). The
     graph has input ``input`` (N, 3, H, W) and output ``logits``; the batch is symbolic unless
-    ``dynamic_batch`` is false (then it is ``batch_size``). ``calib`` (``digits`` or an image folder)
-    calibrates int8 and, with ``check_images``, provides the real images the fp16/int8 graphs are checked
-    on against the fp32 graph. Nothing is written when a check fails (unless ``verify`` is false).
-    ``external_data``: weights in ``FILE.onnx.data`` (default: only when the graph is over protobuf's 2 GiB).
+    ``dynamic_batch`` is false (then it is ``batch_size``). ``options`` (or keyword overrides of its fields,
+    see :class:`ExportOptions`) say how; nothing is written when a check fails (unless ``verify`` is false).
     """
+    o = with_overrides(ExportOptions, options, overrides)
     say = progress or (lambda _msg: None)
-    opset = check_options(output, dtype=dtype, exporter=exporter, ort_level=ort_level, calib=calib, opset=opset)
+    opset = check_options(output, o)
     if not isinstance(model, nn.Module):
         raise InputFileError(f"export needs a torch module, not a {type(model).__name__}",
                              "load the checkpoint with repconv.load first")
@@ -347,66 +329,59 @@ def export_onnx(model: nn.Module, output: str | os.PathLike, *, meta: Checkpoint
     notes: list[str] = []
     model = model.eval()
     fusion = None
-    if fuse_bn:
+    if o.fuse_bn:
         say("fusing conv + BN")
         leaves = meta.plan.leaves if meta.plan else ()
         model, fusion = fuse_conv_bn(model, leaves)
-    export_batch = EXPORT_BATCH if dynamic_batch else batch_size
+    export_batch = EXPORT_BATCH if o.dynamic_batch else o.batch_size
     with tempfile.TemporaryDirectory(prefix="repconv-onnx-") as tmp:
         raw = Path(tmp) / "raw.onnx"
-        say(f"exporting ({exporter}, opset {opset})")
-        _torch_export(model, example_input(meta.input_size, batch=export_batch), raw, opset, exporter, dynamic_batch)
+        say(f"exporting ({o.exporter}, opset {opset})")
+        _torch_export(model, example_input(meta.input_size, batch=export_batch), raw, opset, o.exporter,
+                      o.dynamic_batch)
         graph = onnx.load(raw)
-    _check_io(graph, dynamic_batch)
+    _check_io(graph, o.dynamic_batch)
     ops_before = op_counts(graph)
     checks: list[Check] = []
-    references = _references(model, meta.input_size, dynamic_batch, batch_size) if verify else []
+    references = _references(model, meta.input_size, o.dynamic_batch, o.batch_size) if o.verify else []
     where = "random inputs"
 
     def check(stage: str, g: onnx.ModelProto) -> None:
-        if verify:
+        if o.verify:
             say(f"verifying {stage} in onnxruntime")
-            checks.append(_parity_check(stage, g, references, ort_level, where))
+            checks.append(_parity_check(stage, g, references, o.ort_level, where))
             if not checks[-1].passed:
                 _raise_failed(checks[-1])
 
     check("export", graph)
-    if simplify and too_large(graph):
+    if o.simplify and too_large(graph):
         notes.append("onnxslim was skipped: it cannot size a graph over protobuf's 2 GiB limit (ONNX Runtime "
                      "still applies its own graph optimizations when it loads the file)")
-    elif simplify:
+    elif o.simplify:
         say("simplifying (onnxslim)")
         graph = _simplify(graph)
         check("simplify", graph)
-    if dtype != "fp32":
-        graph = _lower_precision(graph, dtype, meta, calib, calib_size, check_images, check_size, verify, ort_level,
-                                 min_agreement, checks, notes, say)
-    if not verify:
-        notes.append("not verified (--no-verify): outputs were not compared with PyTorch")
-    _set_metadata(graph, metadata_props(meta, dtype=dtype, opset=opset, exporter=exporter,
-                                        dynamic_batch=dynamic_batch, batch_size=batch_size, ort_level=ort_level,
+    if o.dtype != "fp32":
+        graph = _lower_precision(graph, meta, o, checks, notes, say)
+    if not o.verify:
+        notes.append("not verified (verify off): outputs were not compared with PyTorch")
+    _set_metadata(graph, metadata_props(meta, dtype=o.dtype, opset=opset, exporter=o.exporter,
+                                        dynamic_batch=o.dynamic_batch, batch_size=o.batch_size, ort_level=o.ort_level,
                                         fused_bn=bool(fusion and fusion.fused)))
-    external = too_large(graph) if external_data is None else external_data
+    external = too_large(graph) if o.external_data is None else o.external_data
     say("writing and checking (onnx.checker, full)")
     path = _write(graph, output, external)
     weights = data_file(path) if external else None
     size = path.stat().st_size + (weights.stat().st_size if weights else 0)
-    return ExportResult(path, dtype, opset, exporter, dynamic_batch, ort_level, ops_before, op_counts(graph), checks,
-                        size, {p.key: p.value for p in graph.metadata_props}, fusion, weights, verify, notes)
+    return ExportResult(path, o.dtype, opset, o.exporter, o.dynamic_batch, o.ort_level, ops_before, op_counts(graph),
+                        checks, size, {p.key: p.value for p in graph.metadata_props}, fusion, weights, o.verify, notes)
 
 
-def check_options(output: str | os.PathLike, *, dtype: str = "fp32", exporter: str = "dynamo",
-                  ort_level: str = "all", calib: str | None = None, opset: int | None = None, **_ignored) -> int:
-    """Reject bad export options before any work is done; returns the opset to use."""
+def check_options(output: str | os.PathLike, options: ExportOptions) -> int:
+    """Reject a bad output name or opset before any work is done; returns the opset to use."""
     if Path(output).suffix != ".onnx":
         raise OutputError(f"'{output}' does not end in .onnx", "name the output FILE.onnx")
-    for value, allowed, name in ((dtype, DTYPES, "--dtype"), (exporter, EXPORTERS, "--exporter"),
-                                 (ort_level, ORT_LEVELS, "--ort-level")):
-        if value not in allowed:
-            raise RepconvError(f"unknown {name} '{value}'", f"use one of {', '.join(allowed)}")
-    if dtype == "int8" and not calib:
-        raise RepconvError("int8 export needs calibration images", "pass --calib digits or --calib DIR")
-    return resolve_opset(opset, exporter)
+    return resolve_opset(options.opset, options.exporter)
 
 
 def _references(model: nn.Module, input_size, dynamic_batch: bool, batch_size: int):
@@ -417,31 +392,31 @@ def _references(model: nn.Module, input_size, dynamic_batch: bool, batch_size: i
     return [(x, _run_torch(model, x)) for x in batches]
 
 
-def _lower_precision(graph: onnx.ModelProto, dtype: str, meta: CheckpointMeta, calib: str | None, calib_size: int,
-                     check_images: str | None, check_size: int, verify: bool, ort_level: str,
-                     min_agreement: float | None, checks: list[Check], notes: list[str], say) -> onnx.ModelProto:
+def _lower_precision(graph: onnx.ModelProto, meta: CheckpointMeta, o: ExportOptions, checks: list[Check],
+                     notes: list[str], say) -> onnx.ModelProto:
     """fp16 or int8 from the verified fp32 graph, checked against it on real images."""
-    source = check_images or calib
+    dtype, calib, verify, ort_level = o.dtype, o.calib, o.verify, o.ort_level
+    source = o.check_images or calib
     if dtype == "fp16":
         say("converting to fp16")
         lowered = quantize.to_fp16(graph)
     else:
         say(f"calibrating int8 on {calib}")
-        data = quantize.images(calib, "train", meta.input_size, meta.mean, meta.std, calib_size)
+        data = quantize.images(calib, "train", meta.input_size, meta.mean, meta.std, o.calib_size)
         lowered = quantize.to_int8(graph, data)
     if not verify:
         return lowered
     if source:
-        x = quantize.images(source, "val", meta.input_size, meta.mean, meta.std, check_size)
+        x = quantize.images(source, "val", meta.input_size, meta.mean, meta.std, o.check_size)
         inputs = f"{len(x)} real images ({source}, val)"
     else:
         x = example_input(meta.input_size, batch=32, seed=13)
         inputs = "32 random inputs"
         notes.append(f"{dtype} was checked on random inputs only: pass --check-images DIR|digits for real images")
     say(f"verifying {dtype} against fp32 on {inputs}")
-    reference = run_onnx(ort_session(graph, ort_level), x)
+    reference = run_onnx(ort_session(graph, level=ort_level), x)
     check = _precision_check(dtype, lowered, x, reference, ort_level, inputs,
-                             MIN_AGREEMENT[dtype] if min_agreement is None else min_agreement)
+                             MIN_AGREEMENT[dtype] if o.min_agreement is None else o.min_agreement)
     checks.append(check)
     if not check.passed:
         _raise_failed(check)
@@ -455,7 +430,7 @@ def _full_check(path: Path) -> None:
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
         first = (str(exc).strip().splitlines() or ["?"])[0][:300]
         raise VerificationError(f"onnx.checker rejects the exported graph: {first}; nothing was written",
-                                "try --exporter legacy or --no-simplify") from exc
+                                "try the legacy exporter, or export without simplification") from exc
 
 
 def _write(graph: onnx.ModelProto, output: str | os.PathLike, external: bool) -> Path:

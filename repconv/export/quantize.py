@@ -14,8 +14,9 @@ import numpy as np
 import onnx
 import torch
 
-from repconv.errors import DataError, DependencyError
-from repconv.export.external_data import data_file, save_onnx, too_large
+from repconv.data import make_dataset
+from repconv.errors import DataError
+from repconv.onnx_graph import data_file, save_onnx, too_large
 
 # Kept in fp32 by the fp16 pass: reductions and normalizations whose intermediate values overflow or
 # lose too much precision in fp16 (variance of activations, softmax sums), on top of onnxruntime's defaults.
@@ -97,23 +98,13 @@ def images(source: str, split: str, input_size: tuple[int, int, int], mean, std,
 
 
 def _dataset(source: str, split: str, input_size, mean, std):
+    """``split`` of ``source`` when it has one, else its training images (a flat folder has only those)."""
     try:
-        from repconv.train.data import make_dataset
-    except ImportError:
-        make_dataset = None
-    if make_dataset is not None:
-        try:
-            return make_dataset(source, split, input_size[1:], mean, std, labeled=False)
-        except DataError:
-            if split == "train":
-                raise
-            return make_dataset(source, "train", input_size[1:], mean, std, labeled=False)
-    if str(source) == "digits":
-        from repconv.train.data import digits
-
-        return digits(split, input_size[1], mean, std)
-    raise DependencyError(f"--calib '{source}': image folders need repconv.train.data.make_dataset, "
-                          "which this build does not have yet", "use --calib digits")
+        return make_dataset(source, split, input_size[1:], mean, std, labeled=False)
+    except DataError:
+        if split == "train":
+            raise
+        return make_dataset(source, "train", input_size[1:], mean, std, labeled=False)
 
 
 def _batches(dataset) -> Iterator:

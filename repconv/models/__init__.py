@@ -15,10 +15,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from repconv.data import IMAGENET_MEAN, IMAGENET_STD
 from repconv.errors import ArchError, DependencyError
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,6 @@
-"""Running artifacts: one Session over PyTorch, ONNX Runtime and TensorRT; predict; bench."""
+"""Running artifacts: one Session over PyTorch, ONNX Runtime and TensorRT; predict; validate; bench."""
 
-from repconv.runtime.session import Session, open_session
+from repconv.runtime.base import Session
+from repconv.runtime.session import open_session
 
 __all__ = ["Session", "open_session"]

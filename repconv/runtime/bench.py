@@ -12,7 +12,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
-import platform
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -22,10 +22,26 @@ from typing import Any
 import numpy as np
 import torch
 
-from repconv import __version__
+from repconv._version import __version__
 from repconv.convert.graph import example_input
-from repconv.errors import OptionError
-from repconv.runtime.session import Session
+from repconv.errors import DependencyError, InputFileError, OptionError
+from repconv.export.deploy import build_engine, export
+from repconv.export.engine import require_tensorrt
+from repconv.io import artifact_backend, atomic_path, check_output_path, write_text_atomic
+from repconv.onnx_graph import parity
+from repconv.options import Backend, check_choice, with_overrides
+from repconv.runtime.base import Session
+from repconv.runtime.measure import (
+    machine_info,
+    peak_rss_bytes,
+    release_free_memory,
+    reset_peak_rss,
+    rss_bytes,
+    time_runs,
+)
+from repconv.runtime.session import open_session
+
+__all__ = ["BenchOptions", "BenchReport", "bench"]
 
 SCHEMA_PATH = Path(__file__).with_name("bench.schema.json")
 SCHEMA_VERSION = 1
@@ -44,24 +60,13 @@ class BenchOptions:
 
     def validate(self) -> None:
         if not self.batches or any(b < 1 for b in self.batches):
-            raise OptionError(f"batch sizes {list(self.batches)} must be positive", "e.g. --batch 1,8,32")
+            raise OptionError("batches", list(self.batches), "must be positive", "e.g. 1,8,32")
         if self.size is not None and self.size < 8:
-            raise OptionError(f"--size {self.size} is too small", "give the image side in pixels, e.g. 224")
-        if self.warmup < 0 or self.repeats < 1:
-            raise OptionError("--warmup must be >= 0 and --repeats >= 1", "e.g. --warmup 3 --repeats 20")
-
-
-def parse_batches(text: str) -> tuple[int, ...]:
-    """``"1,8,32"`` -> (1, 8, 32); anything else is an OptionError."""
-    parts = [p.strip() for p in str(text).split(",") if p.strip()]
-    try:
-        values = tuple(int(p) for p in parts)
-    except ValueError:
-        values = ()
-    if not values or any(v < 1 for v in values):
-        raise OptionError(f"--batch '{text}' does not parse as a list of positive integers",
-                          "write it like --batch 1,8,32")
-    return tuple(dict.fromkeys(values))
+            raise OptionError("size", self.size, "is too small", "give the image side in pixels, e.g. 224")
+        if self.warmup < 0:
+            raise OptionError("warmup", self.warmup, "must not be negative", "e.g. 3")
+        if self.repeats < 1:
+            raise OptionError("repeats", self.repeats, "must be at least 1", "e.g. 20")
 
 
 @dataclass
@@ -125,109 +130,6 @@ class BenchReport:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-# ---------------------------------------------------------------- memory
-# Linux keeps the process's peak RSS (VmHWM) and lets a process reset it (clear_refs "5", Linux >= 4.0):
-# exact and free, unlike a sampling thread, which would contend for the GIL with the model being timed.
-
-
-def _status_kib(field_name: str) -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field_name + ":"):
-                return int(line.split()[1])
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
-def _status_bytes(field_name: str) -> int:
-    kib = _status_kib(field_name)
-    if kib is None:  # not Linux: the lifetime high-water mark is the best there is
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return kib * 1024
-
-
-def rss_bytes() -> int:
-    return _status_bytes("VmRSS")
-
-
-def release_free_memory() -> None:
-    """Collect garbage and hand the C heap's free pages back to the OS (glibc ``malloc_trim``).
-
-    Without it, memory freed by one target stays in the process's RSS and the next target's "peak minus
-    RSS before" reads low: ONNX Runtime's resnet50 measured 443 MB first and 134 MB after another target.
-    """
-    import contextlib
-    import ctypes
-    import ctypes.util
-    import gc
-
-    gc.collect()
-    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to trim
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
-
-
-def reset_peak_rss() -> bool:
-    """Reset the kernel's peak-RSS mark to the current RSS; False where that is not possible."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def peak_rss_bytes() -> int:
-    """Peak RSS since the last reset (or, where resets are impossible, since the process started)."""
-    return _status_bytes("VmHWM")
-
-
-# ---------------------------------------------------------------- machine
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def machine_info(device: str) -> dict[str, Any]:
-    import onnxruntime
-
-    versions = {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
-                "onnxruntime": onnxruntime.__version__, "repconv": __version__}
-    for name in ("onnx", "torchvision", "tensorrt"):
-        try:
-            versions[name] = __import__(name).__version__
-        except (ImportError, OSError, AttributeError):
-            versions[name] = None
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {"cpu": cpu_model(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "platform": platform.platform(), "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg")
-            else None, "gpu": gpu, "cuda": torch.version.cuda, "device": device, "versions": versions}
-
-
-# ---------------------------------------------------------------- measuring
-
-
-def time_runs(session: Session, x: np.ndarray, warmup: int, repeats: int, max_seconds: float) -> list[float]:
-    for _ in range(warmup):
-        session.run(x)
-    latencies: list[float] = []
-    start = time.perf_counter()
-    while len(latencies) < repeats and (len(latencies) < 3 or time.perf_counter() - start < max_seconds):
-        t0 = time.perf_counter()
-        session.run(x)
-        latencies.append((time.perf_counter() - t0) * 1e3)
-    return latencies
 
 
 InputsFor = Callable[[Session], dict[int, np.ndarray]]
@@ -300,8 +202,8 @@ def run_bench(targets: Sequence[Target], options: BenchOptions, progress: Progre
         if reference is None:
             reference = logits
         elif logits is not None and reference is not None and logits.shape == reference.shape:
-            result.max_abs_diff_vs_baseline = float(np.abs(logits - reference).max())
-            result.top1_agreement_vs_baseline = float((logits.argmax(1) == reference.argmax(1)).mean())
+            p = parity(reference, logits)
+            result.max_abs_diff_vs_baseline, result.top1_agreement_vs_baseline = p.max_abs, p.top1_agreement
         results.append(result)
     _add_speedups(results)
     device = results[0].device if results else "cpu"
@@ -342,8 +244,6 @@ def plot_report(report: BenchReport, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from repconv.checkpoint import atomic_path
-
     fig, (ax_lat, ax_tp) = plt.subplots(1, 2, figsize=(11, 4.2))
     for r in report.targets:
         if not r.timings:
@@ -369,3 +269,81 @@ def plot_report(report: BenchReport, path: Path) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format=path.suffix.lstrip(".").lower(), dpi=120)
     plt.close(fig)
+
+
+# ---------------------------------------------------------------- the bench stage
+
+_DERIVED = {("torch", "ort"), ("torch", "trt"), ("ort", "trt")}  # (artifact's backend, backend it can run on)
+
+
+def bench(artifacts: Sequence[str | os.PathLike], *, backends: Sequence[Backend] | None = None,
+          arch: str | None = None, num_classes: int | None = None, trust_pickle: bool = False,
+          json_out: str | os.PathLike | None = None, plot: str | os.PathLike | None = None,
+          progress: Progress | None = None, options: BenchOptions | None = None, **overrides) -> BenchReport:
+    """Measure artifacts side by side in this process; the first one is the baseline of every ratio.
+
+    ``options`` (or keyword overrides: ``batches``, ``size``, ``device``, ``warmup``, ``repeats``,
+    ``max_seconds``, ``threads``, ``channels_last``). Each artifact runs on every backend in ``backends``
+    that can run it, by default on its own: a checkpoint on torch, and on ort / trt through a temporary
+    export; an ONNX file on ort, and on trt through a temporary engine; an engine on trt. ``json_out`` /
+    ``plot`` are written at the end (their folders are checked first).
+    """
+    if "batches" in overrides:
+        overrides["batches"] = tuple(overrides["batches"])
+    o = with_overrides(BenchOptions, options, overrides)
+    o.validate()
+    if not artifacts:
+        raise OptionError("artifacts", None, "are missing", "give one or more checkpoints, .onnx or .engine files")
+    for target in (json_out, plot):
+        if target is not None:
+            check_output_path(target)
+    if plot is not None and Path(plot).suffix.lower() not in (".png", ".svg", ".pdf"):
+        raise OptionError("plot", str(plot), "has no image suffix", "end it with .png, .svg or .pdf")
+    for b in backends or ():
+        check_choice("backends", b, Backend)
+    previous_threads = torch.get_num_threads()
+    if o.threads:
+        torch.set_num_threads(o.threads)
+    try:
+        with tempfile.TemporaryDirectory(prefix="repconv-bench-") as scratch:
+            targets = [t for a in artifacts for t in _targets(Path(a), Path(scratch), o, backends, arch, num_classes,
+                                                               trust_pickle)]
+            report = run_bench(targets, o, progress)
+    finally:
+        torch.set_num_threads(previous_threads)
+    if json_out is not None:
+        write_text_atomic(json_out, json.dumps(report.to_dict(), indent=2) + "\n")
+    if plot is not None:
+        plot_report(report, Path(plot))
+    return report
+
+
+def _targets(path: Path, scratch: Path, o: BenchOptions, backends, arch, num_classes, trust_pickle) -> list[Target]:
+    """The targets of one artifact: one per backend that runs it (exporting it or building an engine first)."""
+    if not path.is_file():
+        raise InputFileError(f"'{path}' does not exist or is not a file", "check the artifact paths")
+    natural = artifact_backend(path)
+    chosen = [b for b in (backends or [natural]) if b == natural or (natural, b) in _DERIVED]
+    if "trt" in chosen:  # refuse now, not after measuring the artifacts before this one
+        require_tensorrt(f"benchmarking '{path.name}' with TensorRT")
+    if not chosen:
+        raise DependencyError(f"'{path}' is a TensorRT engine, which the chosen backends ({','.join(backends)}) "
+                              "leave out", "add trt to the backends")
+    targets = []
+    for b in chosen:
+        run_path, label = path, path.name
+        if natural == "torch" and b != "torch":  # export it, as `repconv export` would
+            run_path, label = scratch / f"{path.stem}.onnx", f"{path.name} -> onnx"
+            if not run_path.exists():
+                export(path, run_path, arch=arch, num_classes=num_classes, trust_pickle=trust_pickle)
+        if b == "trt" and natural != "trt":
+            run_path = build_engine(run_path, scratch / f"{path.stem}.engine").engine
+            label = f"{path.name} -> engine"
+        targets.append(Target(label, run_path, b, _opener(run_path, b, o, arch, num_classes, trust_pickle)))
+    return targets
+
+
+def _opener(path: Path, backend: str, o: BenchOptions, arch, num_classes, trust_pickle) -> Callable[[], Session]:
+    return lambda: open_session(path, backend if backend != "torch" else None, o.device, arch=arch,
+                                num_classes=num_classes, trust_pickle=trust_pickle, threads=o.threads,
+                                channels_last=o.channels_last and backend == "torch")

@@ -9,8 +9,12 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from repconv.errors import OptionError
+from repconv.options import Backend, Device
+from repconv.runtime.base import Session
 from repconv.runtime.preprocess import load_images
-from repconv.runtime.session import Session
+from repconv.runtime.session import open_session
+
+__all__ = ["PredictResult", "predict"]
 
 
 @dataclass
@@ -48,7 +52,7 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 def predict_images(session: Session, images: Sequence[str | os.PathLike], top_k: int = 5,
                    batch_size: int = 32) -> PredictResult:
     if top_k < 1:
-        raise OptionError(f"--top-k {top_k} is not positive", "use --top-k 1 or more")
+        raise OptionError("top_k", top_k, "is not positive", "use 1 or more")
     batch = load_images(images, session.info)
     probs = softmax(session.run_batched(batch.tensor.numpy(), batch_size))
     names = session.class_names
@@ -62,3 +66,12 @@ def predict_images(session: Session, images: Sequence[str | os.PathLike], top_k:
             ClassScore(int(i), names[i] if names else None, float(row[i])) for i in order]))
     return PredictResult(str(session.path), session.backend, session.device, tuple(session.input_size),
                          predictions, batch.warnings)
+
+
+def predict(artifact: str | os.PathLike, images: Sequence[str | os.PathLike], *, top_k: int = 5,
+            backend: Backend | None = None, device: Device | None = None, arch: str | None = None,
+            num_classes: int | None = None, trust_pickle: bool = False, batch_size: int = 32) -> PredictResult:
+    """Top-k classes for image files (or folders of them) with any checkpoint, ONNX file or engine."""
+    with open_session(artifact, backend, device, arch=arch, num_classes=num_classes,
+                      trust_pickle=trust_pickle) as session:
+        return predict_images(session, images, top_k=top_k, batch_size=batch_size)

@@ -8,21 +8,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torchvision.transforms import v2 as T
 
+from repconv.artifact import ArtifactInfo
+from repconv.data import IMAGE_SUFFIXES, eval_transform
 from repconv.errors import DataError
-from repconv.runtime.metadata import ArtifactInfo
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
-CROP_FRACTION = 0.875  # torchvision's ImageNet preset: resize 256, crop 224
 
 
-def transform_for(info: ArtifactInfo) -> T.Compose:
-    """Resize the short side to size / 0.875, center-crop to size, scale to [0, 1], normalize."""
-    _, h, w = info.input_size
-    resize = int(info.extra.get("resize_size") or round(max(h, w) / CROP_FRACTION))
-    return T.Compose([T.ToImage(), T.Resize(resize, antialias=True), T.CenterCrop((h, w)),
-                      T.ToDtype(torch.float32, scale=True), T.Normalize(list(info.mean), list(info.std))])
+def transform_for(info: ArtifactInfo):
+    """The artifact's evaluation preprocessing (:func:`repconv.data.eval_transform` with its own spec)."""
+    resize = info.extra.get("resize_size")
+    return eval_transform(info.input_size, info.mean, info.std, int(resize) if resize else None)
 
 
 def expand_paths(items: Iterable[str | os.PathLike]) -> list[Path]:

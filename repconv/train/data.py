@@ -1,170 +1,58 @@
-"""Datasets: the bundled handwritten digits (scikit-learn ships them, no download) and image folders."""
+"""Data for recovery and training: the model's preprocessing with the user's overrides, the train and
+validation sets, and the class-count check (the datasets themselves: :mod:`repconv.data`)."""
 
 from __future__ import annotations
 
-import logging
 import os
-from collections.abc import Iterable, Sequence
-from pathlib import Path
+from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
-from torch.utils.data import Dataset, TensorDataset
+from torch import nn
 
+from repconv.checkpoint import CheckpointMeta
+from repconv.convert.graph import example_input
+from repconv.data import has_split, make_dataset
 from repconv.errors import DataError
 
-DIGITS_CLASSES = [str(i) for i in range(10)]
-DIGITS_SEED = 0
-DIGITS_VAL_FRACTION = 0.2
+Spec = tuple[tuple[int, ...], tuple[float, ...], tuple[float, ...]]  # input size, mean, std
 
 
-def digits_images(split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
-    """The 8x8 digits as float images in [0, 1], shape (N, 1, 8, 8), with their labels.
-
-    The split is fixed: a seeded permutation of the 1,797 images, the last 20% for validation.
-    """
-    from sklearn.datasets import load_digits
-
-    if split not in ("train", "val", "all"):
-        raise ValueError(f"split must be train, val or all, got {split!r}")
-    data = load_digits()
-    x = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    y = torch.tensor(data.target, dtype=torch.long)
-    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(DIGITS_SEED))
-    n_val = round(len(y) * DIGITS_VAL_FRACTION)
-    idx = {"train": order[:-n_val], "val": order[-n_val:], "all": order}[split]
-    return x[idx], y[idx]
+def data_spec(meta: CheckpointMeta, input_size: int | Sequence[int] | None = None,
+              mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> Spec:
+    """The preprocessing a model expects (its checkpoint metadata), with user overrides."""
+    size = meta.input_size if input_size is None else (
+        (3, input_size, input_size) if isinstance(input_size, int) else tuple(input_size))
+    return tuple(size), tuple(mean or meta.mean), tuple(std or meta.std)
 
 
-def digits(split: str = "train", size: int = 32, mean: Sequence[float] = (0.5, 0.5, 0.5),
-           std: Sequence[float] = (0.5, 0.5, 0.5)) -> TensorDataset:
-    """Digits resized to ``size`` x ``size``, 3 channels, normalized with ``mean`` / ``std``."""
-    x, y = digits_images(split)
-    x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False).clamp(0, 1)
-    x = x.expand(-1, 3, -1, -1)
-    x = (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
-    return TensorDataset(x.contiguous(), y)
+def datasets(data: str | os.PathLike, val_data: str | os.PathLike | None, spec: Spec, labeled: bool):
+    """(train set, validation set or None): ``val_data`` wins, else the data's own ``val`` split."""
+    train_set = make_dataset(data, "train", *spec, labeled=labeled)
+    if val_data is not None:
+        val_set = make_dataset(val_data, "val" if has_split(val_data, "val") else "train", *spec, labeled=True)
+    elif has_split(data, "val"):
+        val_set = make_dataset(data, "val", *spec, labeled=True)
+    else:
+        val_set = None
+    return train_set, val_set
 
 
-# ---------------------------------------------------------------- image folders
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
-SPLITS = ("train", "val")
-_log = logging.getLogger("repconv.data")
-
-
-def _size(input_size: int | Sequence[int]) -> tuple[int, int]:
-    if isinstance(input_size, int):
-        return input_size, input_size
-    size = tuple(int(s) for s in input_size)
-    return (size[-2], size[-1]) if len(size) >= 2 else (size[0], size[0])
+def num_outputs(model: nn.Module, input_size: Sequence[int]) -> int:
+    """The classifier's output count, from one forward in eval mode."""
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        n = int(model(example_input(input_size, batch=1)).shape[-1])
+    model.train(was_training)
+    return n
 
 
-def eval_transform(input_size: int | Sequence[int], mean: Sequence[float], std: Sequence[float]):
-    """Resize the short side to size/0.875, center-crop, normalize: the usual evaluation preprocessing."""
-    from torchvision.transforms import v2
-
-    h, w = _size(input_size)
-    return v2.Compose([
-        v2.ToImage(), v2.Resize(round(min(h, w) / 0.875), antialias=True), v2.CenterCrop((h, w)),
-        v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))])
-
-
-def _usable_images(files: Iterable[Path]) -> list[Path]:
-    """Files PIL can open as images; every other file is skipped with one warning line."""
-    from PIL import Image, UnidentifiedImageError
-
-    kept = []
-    for f in sorted(files):
-        if f.name.startswith("."):
-            continue
-        if f.suffix.lower() not in IMAGE_SUFFIXES:
-            _log.warning(f"warning: skipping '{f}': not an image file (suffix '{f.suffix}')")
-            continue
-        try:
-            with Image.open(f) as im:
-                im.verify()
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-            _log.warning(f"warning: skipping '{f}': unreadable image ({type(exc).__name__})")
-            continue
-        kept.append(f)
-    return kept
-
-
-class ImageFiles(Dataset):
-    """Images with labels (class index) or without (label -1), read with PIL and preprocessed."""
-
-    def __init__(self, samples: list[tuple[Path, int]], transform, classes: list[str] | None):
-        self.samples, self.transform, self.classes = samples, transform, classes
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, i: int):
-        from PIL import Image
-
-        path, label = self.samples[i]
-        with Image.open(path) as im:
-            x = self.transform(im.convert("RGB"))
-        return x, label
-
-
-def _folder_root(root: Path, split: str) -> Path:
-    sub = root / split
-    return sub if sub.is_dir() else root
-
-
-def _labeled_folder(root: Path, transform) -> ImageFiles:
-    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
-    if not classes:
-        raise DataError(f"'{root}' has no class subfolders, so it holds no labels",
-                        "use ROOT/CLASS/IMAGE.jpg for labels, or --objective distill for unlabeled images")
-    for f in root.iterdir():
-        if f.is_file() and not f.name.startswith("."):
-            _log.warning(f"warning: skipping '{f}': a labeled folder keeps images in class subfolders")
-    samples = [(f, i) for i, c in enumerate(classes)
-               for f in _usable_images(p for p in (root / c).rglob("*") if p.is_file())]
-    return ImageFiles(samples, transform, classes)
-
-
-def _unlabeled_folder(root: Path, transform) -> ImageFiles:
-    return ImageFiles([(f, -1) for f in _usable_images(p for p in root.rglob("*") if p.is_file())], transform, None)
-
-
-def make_dataset(source: str | os.PathLike, split: str = "train", input_size: int | Sequence[int] = 224,
-                 mean: Sequence[float] = (0.485, 0.456, 0.406), std: Sequence[float] = (0.229, 0.224, 0.225),
-                 labeled: bool = True) -> Dataset:
-    """The one entry point to data: ``digits`` or a folder, preprocessed for a model's input spec.
-
-    Items are ``(image tensor (3, H, W), label)``; the label is ``-1`` when ``labeled`` is false.
-    A folder is an ImageFolder tree (``ROOT/CLASS/*.jpg``, labels) or any folder of images (unlabeled);
-    ``ROOT/train`` and ``ROOT/val`` are used for the splits when present. The dataset's ``classes``
-    attribute holds the class names (None when unlabeled).
-    """
-    if split not in SPLITS:
-        raise DataError(f"unknown split '{split}'", f"use one of {', '.join(SPLITS)}")
-    if str(source) == "digits":
-        h, w = _size(input_size)
-        if h != w:
-            raise DataError(f"digits are square; input size {h}x{w} is not", "give a square input size")
-        ds = digits(split, h, mean, std)
-        if not labeled:
-            ds = TensorDataset(ds.tensors[0], torch.full_like(ds.tensors[1], -1))
-        ds.classes = list(DIGITS_CLASSES) if labeled else None
-        return ds
-    root = Path(source)
-    if not root.is_dir():
-        raise DataError(f"data '{source}' is neither 'digits' nor an existing folder", "check the path given to --data")
-    if split == "val" and not (root / "val").is_dir():
-        raise DataError(f"'{root}' has no 'val' subfolder", "give the validation images with --val-data DIR")
-    folder = _folder_root(root, split)
-    transform = eval_transform(input_size, mean, std)
-    ds = _labeled_folder(folder, transform) if labeled else _unlabeled_folder(folder, transform)
-    if len(ds) == 0:
-        raise DataError(f"'{folder}' holds no usable image", "add .jpg/.png images (see the warnings above)")
-    return ds
-
-
-def has_split(source: str | os.PathLike, split: str) -> bool:
-    """Whether ``make_dataset(source, split)`` has its own data for ``split`` (digits always does)."""
-    return str(source) == "digits" or (Path(source) / split).is_dir()
+def check_classes(sets, model: nn.Module, input_size: Sequence[int]) -> None:
+    """DataError when a labeled set's class count differs from the model's outputs."""
+    n = num_outputs(model, input_size)
+    for ds in sets:
+        classes = getattr(ds, "classes", None)
+        if ds is not None and classes and len(classes) != n:
+            raise DataError(f"the data has {len(classes)} classes ({', '.join(classes[:5])}"
+                            f"{', ...' if len(classes) > 5 else ''}) but the model's classifier has {n} outputs",
+                            "give data with the model's classes, or distill from the teacher (labels unused)")

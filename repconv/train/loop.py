@@ -26,14 +26,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from repconv.checkpoint import atomic_path
+from repconv.convert.measure import kl_to_teacher
 from repconv.convert.replacement import replaced_units
-from repconv.errors import InputFileError, PlanError
-from repconv.train.calibrate import kl_to_teacher
+from repconv.errors import InputFileError, OptionError
+from repconv.io import atomic_path
+from repconv.options import Amp, Objective, Optimizer, Trainable, check_choices
 
-OBJECTIVES = ("ce", "distill", "both")
-TRAINABLE = ("scalars", "norm", "all")
-OPTIMIZERS = ("sgd", "adamw")
 STATE_VERSION = 1
 _NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
 
@@ -45,30 +43,34 @@ class TrainConfig:
     epochs: int = 3
     batch_size: int = 64
     lr: float = 1e-3
-    optimizer: str = "adamw"
+    optimizer: Optimizer = "adamw"
     momentum: float = 0.9
     weight_decay: float = 1e-4  # on weight matrices / kernels only (ndim >= 2)
     warmup_epochs: float = 0.0
     accum_steps: int = 1
-    objective: str = "ce"
+    objective: Objective = "ce"
     temperature: float = 2.0
     alpha: float = 0.5  # weight of the label loss in "both"
-    trainable: str = "all"
-    amp: str = "auto"  # auto: fp16/bf16 on CUDA, off on CPU | on | off
+    trainable: Trainable = "all"
+    amp: Amp = "auto"  # auto: fp16/bf16 on CUDA, off on CPU | on | off
     seed: int = 0
     workers: int = 0
     batches_per_epoch: int | None = None  # cap (short runs, tests)
     label_smoothing: float = 0.0
 
+    def __post_init__(self) -> None:
+        self.check()
+
     def check(self) -> None:
-        for name, value, allowed in (("objective", self.objective, OBJECTIVES),
-                                     ("train", self.trainable, TRAINABLE), ("optimizer", self.optimizer, OPTIMIZERS),
-                                     ("amp", self.amp, ("auto", "on", "off"))):
-            if value not in allowed:
-                raise PlanError(f"unknown --{name} '{value}'", f"use one of {', '.join(allowed)}")
+        check_choices(self)
         for name in ("epochs", "batch_size", "accum_steps"):
             if getattr(self, name) < 1:
-                raise PlanError(f"--{name.replace('_', '-')} must be at least 1", "give a positive integer")
+                raise OptionError(name, getattr(self, name), "must be at least 1", "give a positive integer")
+        for name in ("lr", "weight_decay", "warmup_epochs", "temperature", "label_smoothing"):
+            if getattr(self, name) < 0:
+                raise OptionError(name, getattr(self, name), "must not be negative", "give 0 or more")
+        if not 0 <= self.alpha <= 1:
+            raise OptionError("alpha", self.alpha, "is outside [0, 1]", "give the label-loss weight, e.g. 0.5")
 
 
 @dataclass
@@ -151,8 +153,8 @@ def set_trainable(model: nn.Module, mode: str) -> list[str]:
                       for n, _ in mod.named_parameters(recurse=False)}
             names |= set(classifier_params(model))
     if not names:
-        raise PlanError("the model has no replaced unit, so --train scalars has nothing to train",
-                        "use --train norm or --train all")
+        raise OptionError("trainable", mode, "leaves nothing to train: the model has no replaced unit",
+                          "train norm or all")
     for n, p in model.named_parameters():
         p.requires_grad_(n in names)
     return [n for n, _ in model.named_parameters() if n in names]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import Chain, randomize_bn
+from helpers import Chain, randomize_bn
 from safetensors.torch import load_file
 from torch import nn
 

@@ -8,18 +8,19 @@ import importlib.util
 import pytest
 import torch
 import torchvision
-from conftest import randomize_bn
+from helpers import randomize_bn
 from torch import nn
 
 import repconv
 from repconv import api
 from repconv.checkpoint import CheckpointMeta, save
 from repconv.cli import main
+from repconv.conversion import ConvertOptions, plan_conversion
 from repconv.convert.apply import apply_plan
 from repconv.convert.graph import count_flops, count_params, trace
 from repconv.convert.parameter_free import TokenMixer, apply_parameter_free, find_targets, plan_parameter_free
 from repconv.convert.plan import Plan
-from repconv.errors import NothingToReplace, PlanError
+from repconv.errors import NothingToReplace, OptionError
 from repconv.models import resolve_arch
 
 PAPER = {"all": (14.2e6, 2.2e9), "hybrid": (17.3e6, 2.6e9)}  # params, MACs at 224px (Han et al., table)
@@ -178,7 +179,7 @@ def test_timm_vit_round_trips(tmp_path):
 
 def test_both_leaves_replaced_units_and_their_neighbours_alone():
     model = resolve_arch("cifar_resnet20").build().eval()
-    plan, _ = api.plan_conversion(model, method="both")
+    plan, _ = plan_conversion(model, ConvertOptions(method="both"))
     kept = {p for s in plan.replace_steps for p in (s.unit, s.prev, s.next)}
     assert plan.replace_steps and plan.parameter_free_steps
     assert not any(s.target.startswith(k + ".") for s in plan.parameter_free_steps for k in kept)
@@ -198,13 +199,13 @@ def test_model_without_target_says_so():
     assert "no parameter-free target" in s.message and s.parameter_free_targets == []
 
 
-def test_bad_options_are_plan_errors():
+def test_bad_options_are_option_errors():
     model = torchvision.models.mobilenet_v3_small().eval()
-    with pytest.raises(PlanError, match=r"--pf-units nothing\.\* matches no parameter-free target"):
+    with pytest.raises(OptionError, match=r"pf_units=\['nothing\.\*'\] matches no parameter-free target"):
         plan_parameter_free(model, units=["nothing.*"])
-    with pytest.raises(PlanError, match="unknown --pf-op 'median'"):
+    with pytest.raises(OptionError, match="pf_op='median' is not a known choice; use one of max, avg"):
         plan_parameter_free(model, op="median")
-    with pytest.raises(PlanError, match="unknown --pf-policy 'some'"):
+    with pytest.raises(OptionError, match="pf_policy='some' is not a known choice; use one of all, hybrid"):
         plan_parameter_free(model, policy="some")
 
 
@@ -220,7 +221,7 @@ def small_checkpoints(tmp_path_factory):
 
 @pytest.mark.parametrize(("arch", "extra", "expected"), [
     ("mobilenet_v3_small", ["--pf-units", "nothing.*"], "matches no parameter-free target"),
-    ("mobilenet_v3_small", ["--pf-op", "median"], "unknown --pf-op 'median'"),
+    ("mobilenet_v3_small", ["--pf-op", "median"], "Invalid value for '--pf-op': 'median' is not one of 'max', 'avg'"),
     ("squeezenet1_0", [], "no parameter-free target"),
 ])
 def test_cli_bad_input_exits_2_with_one_line_and_writes_nothing(small_checkpoints, tmp_path, capsys, arch, extra,

@@ -2,6 +2,7 @@ import copy
 
 import pytest
 import torch
+from helpers import randomize_bn
 from torch import nn
 
 import repconv
@@ -14,9 +15,8 @@ from repconv.convert.replacement import (
     select_units,
     synthesized_state,
 )
-from repconv.errors import PlanError
+from repconv.errors import OptionError
 from repconv.models import resolve_arch
-from tests.conftest import randomize_bn
 
 
 def convert_chain(model, units, **kw):
@@ -34,11 +34,11 @@ def test_every_units_and_max_fraction():
     # 2 and 3 touch: the later one is dropped, never both
     assert [s.unit for s in select_units(runs, units=["2", "3"])] == ["2"]
     assert len(select_units(runs, max_fraction=2.5 / 9, total_params=9 * 42)) == 2
-    with pytest.raises(PlanError, match="--every 1"):
+    with pytest.raises(OptionError, match="every=1"):
         select_units(runs, every=1)
-    with pytest.raises(PlanError, match=r"matches no replaceable unit.*replaceable units: 1, 2"):
+    with pytest.raises(OptionError, match=r"matches no replaceable unit.*replaceable units: 1, 2"):
         select_units(runs, units=["blocks.*"])
-    with pytest.raises(PlanError, match="outside"):
+    with pytest.raises(OptionError, match="outside"):
         select_units(runs, max_fraction=1.5)
 
 

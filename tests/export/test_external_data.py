@@ -12,8 +12,8 @@ from torch import nn
 
 from repconv import api
 from repconv.checkpoint import CheckpointMeta
-from repconv.export.external_data import PROTOBUF_LIMIT, data_file, save_onnx, too_large
-from repconv.export.onnx import export_onnx, ort_session, run_onnx
+from repconv.export.onnx import export_onnx
+from repconv.onnx_graph import PROTOBUF_LIMIT, data_file, ort_session, run_onnx, save_onnx, too_large
 
 
 def test_save_onnx_leaves_the_graph_whole(digits_onnx, tmp_path):

@@ -9,15 +9,16 @@ import onnx
 import pytest
 import torch
 import torchvision
-from conftest import randomize_bn
+from helpers import has_replaceable_unit, randomize_bn
 
 from repconv import api
 from repconv.checkpoint import CheckpointMeta, Loaded
 from repconv.cli import main
 from repconv.errors import NothingToReplace, RepconvError, VerificationError
 from repconv.export import onnx as onnx_export
-from repconv.export.onnx import export_onnx, ort_session, read_metadata, run_onnx
+from repconv.export.onnx import export_onnx
 from repconv.models import resolve_arch
+from repconv.onnx_graph import ort_session, read_metadata, run_onnx
 
 
 def test_digits_export_dynamo_default(digits_checkpoint, tmp_path):
@@ -80,9 +81,11 @@ def convert_fold_export(name: str, tmp_path, size: int, exporter: str = "legacy"
     try:
         source = api.convert(Loaded(model, meta))
     except NothingToReplace:
+        assert not has_replaceable_unit(model), f"{name} has interior units, yet nothing was replaced"
         source = Loaded(model, meta)
     else:
         folded = api.fold(source)
+        assert folded.folded_units == source.summary.replaced_units and folded.folded_units
         plain = getattr(torchvision.models, name)(**kwargs).eval()
         plain.load_state_dict(folded.model.state_dict(), strict=True)
         x = torch.randn(2, 3, size, size)

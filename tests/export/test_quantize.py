@@ -6,15 +6,15 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from conftest import DIGITS_ARCH, DIGITS_SIZE
+from helpers import DIGITS_ARCH, DIGITS_SIZE
 
 from repconv import api
 from repconv.cli import main
+from repconv.data import digits
 from repconv.errors import RepconvError
-from repconv.export.onnx import ort_session, run_onnx
 from repconv.export.quantize import images
 from repconv.models import resolve_arch
-from repconv.train.data import digits
+from repconv.onnx_graph import ort_session, run_onnx
 
 
 @pytest.fixture(scope="module")

@@ -7,20 +7,9 @@ import torch
 from onnx import TensorProto, helper
 
 from repconv import api
+from repconv.artifact import ArtifactInfo
 from repconv.errors import DependencyError, InputFileError, OptionError
-from repconv.export.tensorrt import (
-    EngineOptions,
-    _graph_dtype,
-    _network_flags,
-    compare_logits,
-    needs_profile,
-    profile_shapes,
-    read_onnx,
-    trtexec_command,
-    verification_batches,
-)
-from repconv.runtime import open_session
-from repconv.runtime.tensorrt import (
+from repconv.export.engine import (
     EngineSidecar,
     TensorRTEnvironment,
     check_compatible,
@@ -28,6 +17,15 @@ from repconv.runtime.tensorrt import (
     sidecar_path,
     tensorrt_environment,
 )
+from repconv.export.tensorrt import (
+    EngineOptions,
+    _network_flags,
+    profile_shapes,
+    trtexec_command,
+    verification_batches,
+)
+from repconv.onnx_graph import graph_dtype, parity, read_onnx
+from repconv.runtime import open_session
 
 ENV = tensorrt_environment()
 NO_TRT = "; ".join(ENV.missing())
@@ -51,9 +49,9 @@ def test_read_onnx_and_profile(small_onnx):
     (inp,) = graph.inputs
     assert inp.name == "input" and inp.dtype == "float32" and not isinstance(inp.shape[0], int)
     assert inp.shape[1:] == (3, 32, 32) and graph.outputs[0].name == "logits"
-    assert graph.dtype == "fp32" and graph.info.class_names[3] == "class_3"
+    assert graph.dtype == "fp32" and ArtifactInfo.from_onnx_props(graph.metadata).class_names[3] == "class_3"
     assert graph.params > 250_000 and graph.macs > 4e7
-    assert needs_profile(graph)
+    assert graph.dynamic
     shapes = profile_shapes(graph, EngineOptions(min_batch=2, opt_batch=4, max_batch=16))
     assert shapes == {"input": {"min": [2, 3, 32, 32], "opt": [4, 3, 32, 32], "max": [16, 3, 32, 32]}}
     assert verification_batches(shapes) == [2, 4]
@@ -61,7 +59,7 @@ def test_read_onnx_and_profile(small_onnx):
 
 def test_static_onnx_needs_no_profile(static_onnx):
     graph = read_onnx(static_onnx)
-    assert not needs_profile(graph)
+    assert not graph.dynamic
     shapes = profile_shapes(graph, EngineOptions())
     assert shapes["input"]["min"] == shapes["input"]["max"] == [4, 3, 32, 32]
     cmd = trtexec_command(static_onnx, "x.engine", shapes, EngineOptions(), dynamic=False)
@@ -97,10 +95,12 @@ def _tiny_graph(initializer_type, ops=("Add",)):
 
 
 def test_precision_is_read_from_the_graph():
-    assert _graph_dtype(_tiny_graph(TensorProto.FLOAT), {}) == "fp32"
-    assert _graph_dtype(_tiny_graph(TensorProto.FLOAT16), {}) == "fp16"
-    assert _graph_dtype(_tiny_graph(TensorProto.FLOAT, ("QuantizeLinear",)), {}) == "int8"
-    assert _graph_dtype(_tiny_graph(TensorProto.FLOAT), {"repconv.dtype": "fp16"}) == "fp16"  # export's word
+    assert graph_dtype(_tiny_graph(TensorProto.FLOAT)) == "fp32"
+    assert graph_dtype(_tiny_graph(TensorProto.FLOAT16)) == "fp16"
+    assert graph_dtype(_tiny_graph(TensorProto.FLOAT, ("QuantizeLinear",))) == "int8"
+    said = _tiny_graph(TensorProto.FLOAT)
+    helper.set_model_props(said, {"repconv.dtype": "fp16"})
+    assert graph_dtype(said) == "fp16"  # export's word
 
 
 class _FakeFlags:
@@ -114,11 +114,12 @@ def test_network_flags_for_trt10_and_11(flags, expected):
     assert _network_flags(trt) == expected
 
 
-def test_compare_logits():
+def test_parity_of_logits():
     ref = torch.tensor([[1.0, 2.0], [3.0, -1.0]]).numpy()
-    figures = compare_logits(ref, ref + 0.03, "fp32")
-    assert figures["max_abs"] == pytest.approx(0.03) and figures["max_rel"] == pytest.approx(0.01)
-    assert figures["top1_agreement"] == 1.0 and figures["tolerance_rel"] < figures["max_rel"]
+    p = parity(ref, ref + 0.03)
+    assert p.max_abs == pytest.approx(0.03) and p.max_rel == pytest.approx(0.01)
+    assert p.top1_agreement == 1.0 and p.batch_sizes == (2,)
+    assert parity(ref, ref[:, ::-1]).top1_agreement == 0.0
 
 
 def _sidecar(**versions):
@@ -210,6 +211,7 @@ def test_print_trtexec_cli(run_cli, small_onnx, small_checkpoint, tmp_path):
     assert plan["shapes"]["input"]["opt"] == [8, 3, 32, 32]
 
 
+@pytest.mark.tensorrt
 def test_build_engine_and_run_it(small_onnx, tmp_path):
     needs_tensorrt()
     target = tmp_path / "m.engine"
@@ -223,7 +225,7 @@ def test_build_engine_and_run_it(small_onnx, tmp_path):
     with open_session(target) as trt_session, open_session(small_onnx, device="cpu") as ort_session:
         assert trt_session.backend == "trt" and trt_session.class_names == ort_session.class_names
         ref, got = ort_session.run(x), trt_session.run(x)
-        assert compare_logits(ref, got, "fp32")["max_rel"] < 5e-3
+        assert parity(ref, got).max_rel < 5e-3
     data = json.loads(sidecar_path(target).read_text())
     data["versions"]["tensorrt"] = "0.0.1"
     sidecar_path(target).write_text(json.dumps(data))
@@ -231,6 +233,7 @@ def test_build_engine_and_run_it(small_onnx, tmp_path):
         open_session(target)
 
 
+@pytest.mark.tensorrt
 def test_onnx_checked_before_any_engine_file(tmp_path):
     """With TensorRT present, a non-ONNX source is refused before anything is written."""
     needs_tensorrt()

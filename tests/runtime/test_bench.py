@@ -7,8 +7,9 @@ import torch
 from PIL import Image
 
 from repconv import api
+from repconv.cli.run import parse_batches
 from repconv.errors import DependencyError, InputFileError, OptionError, OutputError
-from repconv.runtime.bench import parse_batches, schema, validate_report
+from repconv.runtime.bench import schema, validate_report
 
 FAST = dict(warmup=1, repeats=3, max_seconds=2.0, threads=1)
 
@@ -131,7 +132,7 @@ def test_bench_exports_a_checkpoint_for_the_ort_backend(small_checkpoint):
 
 
 def test_bench_tensorrt_targets_are_refused_up_front_without_tensorrt(tmp_path, small_checkpoint, small_onnx):
-    from repconv.runtime.tensorrt import sidecar_path, tensorrt_environment
+    from repconv.export.engine import sidecar_path, tensorrt_environment
 
     if not tensorrt_environment().missing():
         pytest.skip("TensorRT and a GPU are present: nothing to refuse")

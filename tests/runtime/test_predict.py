@@ -6,10 +6,10 @@ import torch
 from PIL import Image
 
 from repconv import api
+from repconv.artifact import ArtifactInfo
+from repconv.data import digits_images
 from repconv.errors import DataError, OptionError
-from repconv.runtime.metadata import ArtifactInfo
 from repconv.runtime.preprocess import expand_paths, transform_for
-from repconv.train.data import digits_images
 
 
 def _save_digits(folder, n=40):
@@ -86,7 +86,7 @@ def test_predict_cli(run_cli, tmp_path, small_onnx):
 
 def test_predict_digits_accuracy_torch_and_onnx(tmp_path, digits_checkpoint):
     """Real images through the whole preprocessing: a digits-trained ResNet reads them correctly."""
-    from tests.conftest import export_onnx_for_tests
+    from helpers import export_onnx_for_tests
 
     _paths, labels = _save_digits(tmp_path / "digits", n=40)
     onnx_path = export_onnx_for_tests(digits_checkpoint, tmp_path / "digits.onnx")

@@ -4,8 +4,8 @@ import torch
 
 from repconv.convert.graph import count_flops, count_params, example_input
 from repconv.errors import DependencyError, InputFileError
+from repconv.onnx_graph import onnx_macs
 from repconv.runtime import open_session
-from repconv.runtime.session import onnx_macs
 
 
 def test_torch_and_ort_sessions_agree(small_checkpoint, small_onnx):

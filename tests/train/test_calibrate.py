@@ -6,10 +6,10 @@ import pytest
 import torch
 
 import repconv
+from repconv.convert.measure import candidate_steps, least_harmful, measure_damage
 from repconv.convert.replacement import replaced_units
+from repconv.data import make_dataset
 from repconv.models import resolve_arch
-from repconv.train.calibrate import candidate_steps, least_harmful, measure_damage
-from repconv.train.data import make_dataset
 from repconv.train.loop import evaluate
 
 

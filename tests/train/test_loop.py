@@ -8,25 +8,24 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import torch
+from helpers import ROOT, child_env
 from safetensors.torch import load_file
 
 import repconv
 
-ROOT = Path(__file__).resolve().parents[2]
 SHORT = ["--epochs", "3", "--batches-per-epoch", "3", "--batch-size", "32", "--train", "norm", "--lr", "3e-3",
          "--warmup-epochs", "0.5", "--accum", "2", "--seed", "7"]
 
 
-def test_sigkill_and_resume_ends_identical(digits_converted, run_cli, cli_env, tmp_path):
+def test_sigkill_and_resume_ends_identical(digits_converted, run_cli, tmp_path):
     ref, cut = tmp_path / "ref.repconv.safetensors", tmp_path / "cut.repconv.safetensors"
-    done = run_cli("finetune", digits_converted, "--data", "digits", "-o", str(ref), *SHORT, "--json")
+    done = run_cli("finetune", digits_converted, "--data", "digits", "-o", str(ref), *SHORT, "--json", child=True)
     assert done.returncode == 0, done.stderr
 
     proc = subprocess.Popen([sys.executable, "-m", "repconv", "finetune", digits_converted, "--data", "digits",
-                             "-o", str(cut), *SHORT], env=cli_env, cwd=ROOT,
+                             "-o", str(cut), *SHORT], env=child_env(), cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     state = cut.with_name(cut.name + ".state.pt")
     deadline = time.time() + 600
@@ -38,7 +37,8 @@ def test_sigkill_and_resume_ends_identical(digits_converted, run_cli, cli_env, t
     epochs_done = torch.load(state, weights_only=True)["epoch"]
     assert 1 <= epochs_done < 3, "the kill did not interrupt the run"
 
-    resumed = run_cli("finetune", digits_converted, "--data", "digits", "-o", str(cut), *SHORT, "--resume", "--json")
+    resumed = run_cli("finetune", digits_converted, "--data", "digits", "-o", str(cut), *SHORT, "--resume", "--json",
+                      child=True)
     assert resumed.returncode == 0, resumed.stderr
     summary = json.loads(resumed.stdout)
     assert summary["resumed_from_epoch"] == epochs_done and len(summary["history"]) == 3
@@ -49,13 +49,13 @@ def test_sigkill_and_resume_ends_identical(digits_converted, run_cli, cli_env, t
     assert [json.loads(ln)["epoch"] for ln in lines] == [1, 2, 3]
 
 
-def test_ddp_two_processes_gloo(digits_converted, digits_checkpoint, cli_env, tmp_path):
+def test_ddp_two_processes_gloo(digits_converted, digits_checkpoint, tmp_path):
     out = tmp_path / "ddp.repconv.safetensors"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "repconv",
            "finetune", digits_converted, "--data", "digits", "--objective", "distill", "--teacher", digits_checkpoint,
            "--train", "norm", "--epochs", "1", "--batches-per-epoch", "3", "--batch-size", "16", "-o", str(out),
            "--json"]
-    done = subprocess.run(cmd, env=cli_env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(cmd, env=child_env(), cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads(done.stdout)  # exactly one JSON object: only rank 0 prints
     assert summary["world_size"] == 2 and summary["ranks_in_sync"] is True

@@ -8,8 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
+from repconv.data import DIGITS_CLASSES, has_split, make_dataset
 from repconv.errors import DataError
-from repconv.train.data import DIGITS_CLASSES, has_split, make_dataset
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 

@@ -13,11 +13,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from repconv.checkpoint import CheckpointMeta
-from repconv.models import IMAGENET_MEAN, IMAGENET_STD
+from repconv.data import IMAGENET_MEAN, IMAGENET_STD
+from repconv.onnx_graph import META_PREFIX
 
-# ONNX metadata_props written by repconv.export.onnx (metadata_props): "repconv.<key>", lists as JSON text
-# (docs/export.md). Read here without importing export: runtime sits below it.
-ONNX_PREFIX = "repconv."
+# ONNX metadata_props written by export: "repconv.<key>", lists as JSON text (docs/export.md)
 ONNX_KEYS = ("repconv_version", "arch", "plan_digest", "input_size", "mean", "std", "class_names", "dtype")
 
 
@@ -48,7 +47,7 @@ class ArtifactInfo:
     def from_onnx_props(cls, props: Mapping[str, str], input_shape: tuple | None = None,
                         kind: str = "onnx") -> ArtifactInfo:
         """From ONNX ``metadata_props``; falls back to the graph's input shape when the size is absent."""
-        values = {k.removeprefix(ONNX_PREFIX): _parse(v) for k, v in props.items()}
+        values = {k.removeprefix(META_PREFIX): _parse(v) for k, v in props.items()}
         size = values.get("input_size")
         if size is None and input_shape and all(isinstance(d, int) for d in input_shape[1:]):
             size = input_shape[1:]

@@ -1,0 +1,33 @@
+"""Numbers as people read them: one definition shared by the CLI's tables and the HTML report."""
+
+from __future__ import annotations
+
+
+def human(n: float | None, unit: str = "") -> str:
+    """1234567 -> '1.23M'; None -> '-'."""
+    if n is None:
+        return "-"
+    for scale, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "K")):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{suffix}{unit}"
+    return f"{n:g}{unit}"
+
+
+def human_bytes(n: int | None) -> str:
+    """Binary units: 1536 -> '1.50 KiB'."""
+    if n is None:
+        return "-"
+    for scale, suffix in ((2**30, "GiB"), (2**20, "MiB"), (2**10, "KiB")):
+        if n >= scale:
+            return f"{n / scale:.2f} {suffix}"
+    return f"{n} B"
+
+
+def ratio(before: float | None, after: float | None) -> str:
+    """'0.55x', or '-' when either is missing."""
+    return f"{after / before:.2f}x" if before and after is not None else "-"
+
+
+def pct(x: float | None, digits: int = 2) -> str:
+    """0.9123 -> '91.23%'; None -> '-'."""
+    return "-" if x is None else f"{100 * x:.{digits}f}%"

@@ -1,0 +1,281 @@
+"""The calibrate, finetune and train stages: recovering a converted model, and the papers' from-scratch setting.
+
+The work lives beside this module: :mod:`repconv.train.calibrate` fits the scalars, :mod:`repconv.train.loop`
+is the one training loop (``TrainConfig`` is passed through as is), :mod:`repconv.train.data` reads the data.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from repconv.checkpoint import CheckpointMeta, Loaded, ModelLike, load_checkpoint, save
+from repconv.conversion import ConvertOptions, convert, fold
+from repconv.convert.graph import count_params
+from repconv.convert.measure import least_harmful, measure_damage
+from repconv.convert.plan import Plan
+from repconv.convert.replacement import replaced_units
+from repconv.data import calibration_batches
+from repconv.errors import ArchError, DataError, InputFileError, NothingToReplace, OptionError, OutputError
+from repconv.models import resolve_arch
+from repconv.options import CalibrateSelect, check_choices, with_overrides
+from repconv.train.calibrate import calibrate_units
+from repconv.train.data import check_classes, data_spec, datasets, num_outputs
+from repconv.train.loop import TrainConfig, dist_env, evaluate, fit, metrics_path_for, state_path_for
+
+__all__ = [
+    "FINETUNE_DEFAULTS",
+    "TRAIN_DEFAULTS",
+    "CalibrateOptions",
+    "CalibrationResult",
+    "FinetuneResult",
+    "FitOutcome",
+    "TrainConfig",
+    "TrainResult",
+    "calibrate",
+    "finetune",
+    "train",
+]
+
+# What `finetune` and `train` start from (keyword arguments override single fields)
+FINETUNE_DEFAULTS = TrainConfig(epochs=3, batch_size=64, lr=1e-3, optimizer="adamw", weight_decay=1e-4,
+                                warmup_epochs=0.0, objective="ce", trainable="scalars")
+TRAIN_DEFAULTS = TrainConfig(epochs=30, batch_size=64, lr=0.1, optimizer="sgd", weight_decay=5e-4,
+                             warmup_epochs=1.0, objective="ce", trainable="all")
+
+
+def _load_teacher(teacher: ModelLike | None, why: str, trust_pickle: bool) -> Loaded:
+    if teacher is None:
+        raise OptionError("teacher", None, f"is needed: {why} compares with the original model",
+                          "give the original checkpoint")
+    loaded = load_checkpoint(teacher, trust_pickle=trust_pickle)
+    if loaded.meta.kind == "converted":
+        raise InputFileError("the teacher is a converted model", "give the original checkpoint it was converted from")
+    return loaded
+
+
+def _val_accuracy(model: nn.Module, val_set) -> float | None:
+    return None if val_set is None else evaluate(model, val_set)
+
+
+# ---------------------------------------------------------------- calibrate
+
+
+@dataclass
+class CalibrateOptions:
+    """How ``calibrate`` fits the scalars (shared by the API and ``repconv calibrate``)."""
+
+    batches: int = 4  # calibration batches
+    batch_size: int = 32
+    select: CalibrateSelect = "all"  # all: fit every replaced unit | measured: keep the budget least harmful
+    budget: int | None = None
+    max_iter: int = 20  # L-BFGS iterations
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_choices(self)
+        for name in ("batches", "batch_size", "max_iter"):
+            if getattr(self, name) < 1:
+                raise OptionError(name, getattr(self, name), "must be at least 1", "give a positive integer")
+        if self.budget is not None and self.budget < 1:
+            raise OptionError("budget", self.budget, "keeps no unit", "give at least 1")
+
+
+@dataclass
+class CalibrationResult:
+    units: list[dict]  # per unit: a, b before and after
+    kl_before: float  # KL(teacher || model) on the calibration batches
+    kl_after: float
+    val_acc: float | None
+    val_acc_before: float | None
+    teacher_val_acc: float | None
+    batches: int
+    images: int
+    selected: list[str] | None = None  # select="measured": the units kept
+    damage: list[dict] | None = None
+    output: Path | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def calibrate(model: ModelLike, *, teacher: ModelLike | None, data: str | os.PathLike,
+              output: str | os.PathLike | None = None, val_data: str | os.PathLike | None = None,
+              input_size=None, mean=None, std=None, trust_pickle: bool = False,
+              options: CalibrateOptions | None = None, **overrides) -> CalibrationResult:
+    """Fit each replaced unit's (a, b) to the teacher unit's outputs on a few batches (function space).
+
+    ``options`` (or keyword overrides: ``batches``, ``batch_size``, ``select``, ``budget``, ``max_iter``,
+    ``seed``). ``select="measured"`` keeps only the ``budget`` least harmful of the model's replaced units
+    (ranked by KL to the teacher's logits); the others get their original weights back.
+    """
+    o = with_overrides(CalibrateOptions, options, overrides)
+    loaded = load_checkpoint(model, trust_pickle=trust_pickle)
+    if not replaced_units(loaded.model):
+        raise NothingToReplace(f"'{loaded.path or 'the model'}' has no replaced unit, so there is nothing to calibrate",
+                               "convert with the replacement (or both) method first")
+    t = _load_teacher(teacher, "calibrate", trust_pickle)
+    spec = data_spec(loaded.meta, input_size, mean, std)
+    _, val_set = datasets(data, val_data, spec, labeled=False)
+    check_classes([val_set], loaded.model, spec[0])
+    calib = calibration_batches(data, spec, o.batches, o.batch_size, o.seed)
+    selected = damage = None
+    if o.select == "measured":
+        damages = measure_damage(t.model, loaded.meta.plan.replace_steps, calib)
+        selected = least_harmful(damages, o.budget)
+        plan = Plan([s for s in loaded.meta.plan.steps if getattr(s, "unit", None) in (None, *selected)],
+                    loaded.meta.plan.arch, list(loaded.meta.plan.leaves))
+        loaded = Loaded(convert(t, options=ConvertOptions(plan=plan)).model, copy.deepcopy(loaded.meta), loaded.path)
+        loaded.meta.plan = plan
+        damage = [asdict(d) for d in damages]
+    student = loaded.model.eval()
+    before = _val_accuracy(student, val_set)
+    cal = calibrate_units(student, t.model, calib, o.max_iter)
+    for s in loaded.meta.plan.replace_steps:  # the plan records the calibrated scalars too
+        fit_ = next((f for f in cal.units if f.unit == s.unit), None)
+        if fit_:
+            s.a, s.b, s.init = fit_.a, fit_.b, "fixed"
+    result = CalibrationResult([asdict(f) for f in cal.units], cal.kl_before, cal.kl_after,
+                               _val_accuracy(student, val_set), before, _val_accuracy(t.model, val_set),
+                               len(calib), sum(len(x) for x in calib), selected, damage)
+    if output is not None:
+        loaded.meta.extra["calibration"] = {"batches": result.batches, "images": result.images}
+        result.output = save(output, student, loaded.meta)
+    return result
+
+
+# ---------------------------------------------------------------- finetune and train
+
+
+@dataclass(kw_only=True)
+class FitOutcome:
+    """What a training run (``finetune``, ``train``) reports, whichever it was."""
+
+    epochs: int
+    trainable_params: int
+    val_acc: float | None
+    train_loss: float | None
+    history: list[dict]
+    resumed_from_epoch: int | None
+    world_size: int
+    ranks_in_sync: bool | None
+    rank: int = 0
+    output: Path | None = None
+    state_file: Path | None = None
+    metrics_file: Path | None = None
+
+    @staticmethod
+    def fields_of(res, output: Path) -> dict:
+        """The shared fields from the loop's FitResult and the files it wrote."""
+        return {"epochs": res.epochs, "trainable_params": res.trainable_params, "val_acc": res.val_acc,
+                "train_loss": res.train_loss, "history": res.history, "resumed_from_epoch": res.resumed_from_epoch,
+                "world_size": res.world_size, "ranks_in_sync": res.ranks_in_sync, "rank": dist_env()[0],
+                "output": Path(output), "state_file": state_path_for(output), "metrics_file": metrics_path_for(output)}
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(kw_only=True)
+class FinetuneResult(FitOutcome):
+    objective: str
+    train: str
+    total_params: int
+    amp: str
+    device: str
+
+
+@dataclass(kw_only=True)
+class TrainResult(FitOutcome):
+    arch: str
+    kind: str  # what the output file holds: "model" (replaced units folded back) or "converted"
+    replaced_units: list[str]
+    params: int
+
+
+def _config(defaults: TrainConfig, config: TrainConfig | None, overrides: dict) -> TrainConfig:
+    if "train" in overrides:  # the API's and CLI's name for TrainConfig.trainable
+        overrides["trainable"] = overrides.pop("train")
+    return with_overrides(TrainConfig, config or defaults, overrides)
+
+
+def _fit(model: nn.Module, meta: CheckpointMeta, cfg: TrainConfig, *, train_set, val_set, teacher, output, resume,
+         progress, to_save=None):
+    """Run the loop; after each epoch (rank 0) save ``to_save(model)`` (default: the model) with ``meta``."""
+    folder = Path(output).parent
+    if not folder.is_dir() or not os.access(folder, os.W_OK):
+        raise OutputError(f"cannot write '{output}': folder '{folder}' does not exist or is not writable",
+                          "create it or choose another output path")
+
+    def save_model(m: nn.Module, metrics: dict) -> None:
+        meta.extra["training"] = {k: metrics.get(k) for k in ("epoch", "train_loss", "val_acc")}
+        save(output, to_save(m) if to_save else m, meta)
+
+    return fit(model, train_set, cfg, val_set=val_set, teacher=teacher, save_model=save_model, output=output,
+               resume=resume, progress=progress)
+
+
+def finetune(model: ModelLike, *, data: str | os.PathLike, output: str | os.PathLike,
+             teacher: ModelLike | None = None, val_data: str | os.PathLike | None = None,
+             input_size=None, mean=None, std=None, resume: bool = False, progress: bool = False,
+             trust_pickle: bool = False, config: TrainConfig | None = None, **overrides) -> FinetuneResult:
+    """Recover a converted (or any) model: labels (ce), distillation from ``teacher`` (distill) or both.
+
+    ``config`` (default :data:`FINETUNE_DEFAULTS`) or keyword overrides of its fields (``objective``,
+    ``train``, ``epochs``, ``lr``, ...; see :class:`~repconv.train.loop.TrainConfig`). Writes ``output`` after
+    every epoch, plus ``OUTPUT.state.pt`` (resume) and ``OUTPUT.metrics.jsonl``. Under ``torchrun`` every
+    process calls this; only rank 0 writes.
+    """
+    cfg = _config(FINETUNE_DEFAULTS, config, overrides)
+    loaded = load_checkpoint(model, trust_pickle=trust_pickle)
+    t = _load_teacher(teacher, f"the {cfg.objective} objective", trust_pickle) if cfg.objective != "ce" else None
+    spec = data_spec(loaded.meta, input_size, mean, std)
+    labeled = cfg.objective != "distill" or str(data) == "digits"
+    train_set, val_set = datasets(data, val_data, spec, labeled=labeled)
+    check_classes([train_set if labeled else None, val_set], loaded.model, spec[0])
+    student = loaded.model
+    if t is not None and num_outputs(t.model, spec[0]) != num_outputs(student, spec[0]):
+        raise ArchError("the teacher's classifier and the model's have different output counts",
+                        "give the original checkpoint the model was converted from")
+    res = _fit(student, copy.deepcopy(loaded.meta), cfg, train_set=train_set, val_set=val_set,
+               teacher=t.model if t else None, output=output, resume=resume, progress=progress)
+    return FinetuneResult(objective=cfg.objective, train=cfg.trainable, total_params=count_params(student),
+                          amp=res.amp, device=res.device, **FitOutcome.fields_of(res, output))
+
+
+def train(arch: str, *, data: str | os.PathLike, output: str | os.PathLike, replace: bool = True,
+          replace_every: int = 2, val_data: str | os.PathLike | None = None, input_size=None, mean=None, std=None,
+          resume: bool = False, progress: bool = False, config: TrainConfig | None = None,
+          **overrides) -> TrainResult:
+    """Train ``arch`` from scratch with labels; with ``replace``, every ``replace_every``-th interior unit of
+    each run is a replaced unit (scalars initialised 0.5/0.5, neighbour gradients detached: the papers'
+    setting). ``config`` (default :data:`TRAIN_DEFAULTS`) or keyword overrides of its fields. The output is an
+    ordinary model file (replaced units folded), which ``convert`` and ``teacher=`` accept."""
+    cfg = _config(TRAIN_DEFAULTS, config, overrides)
+    arch_spec = resolve_arch(arch)
+    spec = data_spec(CheckpointMeta(input_size=arch_spec.input_size, mean=arch_spec.mean, std=arch_spec.std),
+                     input_size, mean, std)
+    train_set, val_set = datasets(data, val_data, spec, labeled=True)
+    classes = list(train_set.classes)
+    if len(classes) < 2:
+        raise DataError(f"'{data}' has {len(classes)} class", "training a classifier needs at least 2 classes")
+    torch.manual_seed(cfg.seed)
+    meta = CheckpointMeta.for_arch(arch_spec, {"num_classes": len(classes)})
+    meta.input_size, meta.mean, meta.std, meta.class_names = *spec, classes
+    model = arch_spec.build(num_classes=len(classes))
+    check_classes([val_set], model, spec[0])
+    to_save, units = None, []
+    if replace:
+        conv = convert(Loaded(model, meta), every=replace_every, init="half")
+        model, units = conv.model, conv.summary.replaced_units
+        meta.extra["replacement_learning"] = {"plan": conv.plan.to_dict()}
+        to_save = lambda m: fold(Loaded(m, meta)).model  # noqa: E731
+    res = _fit(model, meta, cfg, train_set=train_set, val_set=val_set, teacher=None, output=output, resume=resume,
+               progress=progress, to_save=to_save)
+    return TrainResult(arch=arch_spec.name, kind="model", replaced_units=units, params=count_params(model),
+                       **FitOutcome.fields_of(res, output))
