@@ -23,8 +23,8 @@ from torch import nn
 from repconv._version import __version__
 from repconv.convert.graph import FX_CONSTANT, trace
 from repconv.convert.plan import Plan
-from repconv.errors import ArchError, InputFileError, RepconvError
-from repconv.io import atomic_path
+from repconv.errors import ArchError, InputFileError, OptionError, RepconvError
+from repconv.io import atomic_path, sniff
 from repconv.models import ArchSpec, build_on_meta, infer_num_classes, resolve_arch
 
 FORMAT_VERSION = 1
@@ -126,31 +126,20 @@ def _describe_pickle_error(path: Path, exc: Exception) -> RepconvError:
                 name = text.split(marker, 1)[1].split()[0].rstrip(".,:")
                 break
         what = f" ({name})" if name else ""
-        return InputFileError(
-            f"'{path}' holds a pickled Python object{what}, not plain weights, and loading it could run "
-            "code from the file",
-            "save model.state_dict() instead, or pass --trust-pickle if you trust where the file came from")
+        return OptionError(
+            "trust_pickle", None, f"is needed to load '{path}': it holds a pickled Python object{what}, not plain "
+            "weights, and loading it could run code from the file",
+            "save model.state_dict() instead, or allow it only if you trust where the file came from")
     return InputFileError(f"'{path}' is not a PyTorch checkpoint ({type(exc).__name__}: "
                           f"{text.splitlines()[0][:120] if text else ''})",
                           "give a state_dict saved with torch.save, a .safetensors file or a repconv file")
 
 
 def read_torch_file(path: Path, trust_pickle: bool = False) -> Any:
-    with path.open("rb") as f:
-        head = f.read(2)
-    if head == b"PK":
-        try:
-            with zipfile.ZipFile(path) as zf:
-                names = zf.namelist()
-        except zipfile.BadZipFile as exc:
-            raise InputFileError(f"'{path}' is truncated or corrupt (not a complete zip archive)",
-                                 "re-save or re-download the checkpoint") from exc
-        if any(n.endswith("constants.pkl") or "/code/" in n for n in names):
-            raise InputFileError(f"'{path}' is a TorchScript archive, not a state_dict",
-                                 "save the eager model's weights with torch.save(model.state_dict(), path)")
-    elif head[:1] != b"\x80":  # neither torch.save's zip format nor a (legacy) pickle stream
-        raise InputFileError(f"'{path}' is not a PyTorch checkpoint (it starts with {head!r})",
-                             "give a state_dict saved with torch.save, a .safetensors file or a repconv file")
+    """``torch.load`` of a zip archive or pickle stream, never running code unless ``trust_pickle``."""
+    if sniff(path) == "torch-zip" and not zipfile.is_zipfile(path):
+        raise InputFileError(f"'{path}' is truncated or corrupt (not a complete zip archive)",
+                             "re-save or re-download the checkpoint")
     try:
         return torch.load(path, map_location="cpu", weights_only=not trust_pickle)
     except Exception as exc:  # torch.load raises many kinds on bad input; all are the file's fault
@@ -205,7 +194,8 @@ def fit_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], arch: 
                 parts.append(f"{len(keys)} {label}: {shown}")
         src = f"'{path}'" if path else "the weights"
         raise ArchError(f"{src} do not fit {arch}: " + "; ".join(parts),
-                        "check --arch (and --num-classes), or that the file belongs to this architecture")
+                        "check {option} (and the class count), or that the file belongs to this architecture",
+                        option="arch")
     # Modules that check their version while loading (torchvision's MNASNet) need the state_dict metadata,
     # which safetensors files and rebuilt dicts do not carry. The keys and shapes match this freshly built
     # model exactly, so its own module versions are the right ones.
@@ -246,23 +236,23 @@ def build_from_meta(meta: CheckpointMeta) -> nn.Module:
 
 def read_checkpoint(path: str | os.PathLike, *, arch: str | None = None, num_classes: int | None = None,
                     trust_pickle: bool = False) -> Loaded:
-    """Read any supported checkpoint file into a module, with its metadata."""
+    """Read any supported checkpoint file into a module, with its metadata. The format is recognised by the
+    file's content (:func:`repconv.io.sniff`), whatever its name: a repconv file saved as ``model.pt`` loads."""
     path = Path(path)
     _check_file(path)
-    with path.open("rb") as f:
-        head = f.read(8)
-    if path.suffix == ".safetensors" or (len(head) == 8 and 0 < int.from_bytes(head, "little") < 100_000_000
-                                         and path.suffix not in (".pt", ".pth", ".bin", ".ckpt")):
+    kind = sniff(path)
+    if kind == "safetensors":
         sd, header = read_safetensors(path)
         if META_KEY in header:
-            meta = CheckpointMeta.from_json(header[META_KEY])
-            if arch and meta.arch and resolve_arch(arch).name != meta.arch:
-                raise ArchError(f"'{path}' was made for {meta.arch}, not {arch}", "drop --arch for repconv files")
-            model = build_from_meta(meta)
-            fit_state_dict(model, sd, meta.arch, path)
-            model.eval()
-            return Loaded(model, meta, path)
+            return _from_container(sd, CheckpointMeta.from_json(header[META_KEY]), path, arch)
         return _from_state_dict(sd, path, arch, num_classes)
+    if kind in _NOT_CHECKPOINTS:
+        raise InputFileError(f"'{path}' is {_NOT_CHECKPOINTS[kind]}, not a checkpoint",
+                             "give the PyTorch checkpoint (a state_dict, .safetensors or repconv file)")
+    if kind not in ("torch-zip", "pickle"):
+        head = path.read_bytes()[:8]
+        raise InputFileError(f"'{path}' is not a PyTorch checkpoint (it starts with {head!r})",
+                             "give a state_dict saved with torch.save, a .safetensors file or a repconv file")
     obj = read_torch_file(path, trust_pickle)
     if isinstance(obj, nn.Module):
         if arch:
@@ -272,10 +262,25 @@ def read_checkpoint(path: str | os.PathLike, *, arch: str | None = None, num_cla
     return _from_state_dict(_unwrap_state_dict(obj, path), path, arch, num_classes)
 
 
+_NOT_CHECKPOINTS = {"torchscript": "a TorchScript archive (save the eager model's weights with "
+                                   "torch.save(model.state_dict(), path))",
+                    "onnx": "an ONNX file", "engine": "a TensorRT engine"}
+
+
+def _from_container(sd: dict[str, torch.Tensor], meta: CheckpointMeta, path: Path, arch: str | None) -> Loaded:
+    if arch and meta.arch and resolve_arch(arch).name != meta.arch:
+        raise OptionError("arch", arch, f"does not match '{path}', which was made for {meta.arch}",
+                          "leave it out for repconv files")
+    model = build_from_meta(meta)
+    fit_state_dict(model, sd, meta.arch, path)
+    model.eval()
+    return Loaded(model, meta, path)
+
+
 def _from_state_dict(sd: dict[str, torch.Tensor], path: Path, arch: str | None, num_classes: int | None) -> Loaded:
     if not arch:
-        raise ArchError(f"'{path}' holds only weights, so repconv cannot tell the architecture",
-                        "pass --arch NAME (e.g. --arch resnet50)")
+        raise OptionError("arch", None, f"is needed: '{path}' holds only weights, so repconv cannot tell the "
+                          "architecture", "give its name, e.g. resnet50")
     spec = resolve_arch(arch)
     nc = num_classes or infer_num_classes(spec, sd)
     kwargs = {"num_classes": nc} if nc is not None and nc != spec.num_classes else {}
@@ -318,7 +323,7 @@ def save(path: str | os.PathLike, model: nn.Module, meta: CheckpointMeta) -> Pat
 
     if meta.arch is None:
         raise ArchError("cannot save a model whose architecture is unknown",
-                        "load it with --arch NAME so that the file can be rebuilt later")
+                        "load it with {option} NAME so that the file can be rebuilt later", option="arch")
     sd = _plain_tensors(model.state_dict())
     with atomic_path(path) as tmp:
         save_file(sd, str(tmp), metadata={META_KEY: meta.to_json()})

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, TensorDataset
 
-from repconv.errors import DataError
+from repconv.errors import DataError, OptionError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -89,9 +89,9 @@ def _usable_images(files: Iterable[Path]) -> list[Path]:
             continue
         try:
             with Image.open(f) as im:
-                im.verify()
+                im.load()  # decodes it all: a truncated JPEG passes verify() and fails only in training
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-            _log.warning(f"warning: skipping '{f}': unreadable image ({type(exc).__name__})")
+            _log.warning(f"warning: skipping '{f}': unreadable image ({type(exc).__name__}: {exc})")
             continue
         kept.append(f)
     return kept
@@ -124,7 +124,7 @@ def _labeled_folder(root: Path, transform) -> ImageFiles:
     classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not classes:
         raise DataError(f"'{root}' has no class subfolders, so it holds no labels",
-                        "use ROOT/CLASS/IMAGE.jpg for labels, or --objective distill for unlabeled images")
+                        "use ROOT/CLASS/IMAGE.jpg for labels, or distill from the teacher (unlabeled images work)")
     for f in root.iterdir():
         if f.is_file() and not f.name.startswith("."):
             _log.warning(f"warning: skipping '{f}': a labeled folder keeps images in class subfolders")
@@ -139,10 +139,11 @@ def _unlabeled_folder(root: Path, transform) -> ImageFiles:
 
 def make_dataset(source: str | os.PathLike, split: str = "train", input_size: int | Sequence[int] = 224,
                  mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
-                 labeled: bool = True) -> Dataset:
+                 labeled: bool = True, option: str = "data") -> Dataset:
     """The one entry point to data: ``digits`` or a folder, preprocessed for a model's input spec.
 
-    Items are ``(image tensor (3, H, W), label)``; the label is ``-1`` when ``labeled`` is false.
+    Items are ``(image tensor (3, H, W), label)``; the label is ``-1`` when ``labeled`` is false. ``option``
+    names the parameter the source came from, for the error that says it does not exist.
     A folder is an ImageFolder tree (``ROOT/CLASS/*.jpg``, labels) or any folder of images (unlabeled);
     ``ROOT/train`` and ``ROOT/val`` are used for the splits when present. The dataset's ``classes``
     attribute holds the class names (None when unlabeled).
@@ -160,9 +161,10 @@ def make_dataset(source: str | os.PathLike, split: str = "train", input_size: in
         return ds
     root = Path(source)
     if not root.is_dir():
-        raise DataError(f"data '{source}' is neither 'digits' nor an existing folder", "check the path given to --data")
+        raise OptionError(option, str(source), "is neither 'digits' nor an existing folder", "check the path")
     if split == "val" and not (root / "val").is_dir():
-        raise DataError(f"'{root}' has no 'val' subfolder", "give the validation images with --val-data DIR")
+        raise DataError(f"'{root}' has no 'val' subfolder", "give the validation images with {option} DIR",
+                        option="val_data")
     folder = _folder_root(root, split)
     transform = eval_transform(input_size, mean, std)
     ds = _labeled_folder(folder, transform) if labeled else _unlabeled_folder(folder, transform)

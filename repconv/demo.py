@@ -148,7 +148,7 @@ def _original(run: RunRecord, out: Path, cfg: DemoConfig, step, progress: bool) 
 
             if loaded.meta.arch != resolve_arch(cfg.arch).name:
                 raise InputFileError(f"'{path}' holds a {loaded.meta.arch}, not the demo's {cfg.arch}",
-                                     "delete it or choose another --out")
+                                     "delete it or choose another {option}", option="out")
             acc = _torch_accuracy(loaded.model, _val_set(loaded.meta))
         note = ["reused from the output folder (delete it to train again)"]
     else:
@@ -300,7 +300,7 @@ def demo(out: str | Path = "repconv-demo", *, quick: bool = False, progress: boo
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise OutputError(f"cannot create the output folder '{out}' ({exc.strerror})",
-                          "choose another --out") from exc
+                          "choose another {option}", option="out") from exc
     torch.manual_seed(0)
     start = time.perf_counter()
     run = RunRecord(title=f"repconv demo: {cfg.arch} on digits{' (quick)' if quick else ''}",

@@ -12,19 +12,30 @@ from typing import Any
 
 
 class RepconvError(Exception):
-    """A problem with the user's input or environment, reported as one line. Raise a subclass."""
+    """A problem with the user's input or environment, reported as one line. Raise a subclass.
 
-    def __init__(self, message: str, hint: str | None = None):
+    ``option`` names the API parameter that fixes it; ``{option}`` in the message or hint reads as that
+    parameter's name from Python and as its flag from the CLI (:meth:`render`).
+    """
+
+    option: str | None = None
+
+    def __init__(self, message: str, hint: str | None = None, *, option: str | None = None):
         if type(self) is RepconvError:
             raise TypeError("raise a subclass of RepconvError (InputFileError, OptionError, ...), not the base")
         self.message = message.strip().rstrip(".")
         self.hint = hint.strip().rstrip(".") if hint else None
+        self.option = option or self.option
         super().__init__(str(self))
 
     def __str__(self) -> str:
-        text = self.message
-        if self.hint:
-            text += f"; {self.hint}"
+        return self.render(None)
+
+    def render(self, flag: str | None) -> str:
+        """The one-line message, naming the option as ``flag`` (the CLI's) or, without one, as the API does."""
+        text = self.message + (f"; {self.hint}" if self.hint else "")
+        if self.option:
+            text = text.replace("{option}", flag or self.option)
         return " ".join(text.split()) + "."
 
 
@@ -72,19 +83,20 @@ class OptionError(RepconvError):
     """
 
     def __init__(self, option: str, value: Any, problem: str, hint: str | None = None):
-        self.option, self.value, self.problem = option, value, problem
-        super().__init__(f"{self._subject(f'{option}=', repr)} {problem}", hint)
+        self.value, self.problem = value, problem.strip().rstrip(".")
+        super().__init__(problem, hint, option=option)
 
-    def _subject(self, name: str, show) -> str:
+    def render(self, flag: str | None) -> str:
+        """``option=VALUE problem`` from Python, ``--flag VALUE problem`` from the CLI."""
         if self.value is None:
-            return name.rstrip("=")
-        value = " ".join(map(str, self.value)) if isinstance(self.value, (list, tuple)) and show is str \
-            else show(self.value)
-        return f"{name}{value}"
+            subject = flag or self.option
+        elif flag:
+            shown = " ".join(map(str, self.value)) if isinstance(self.value, (list, tuple)) else str(self.value)
+            subject = f"{flag} {shown}"
+        else:
+            subject = f"{self.option}={self.value!r}"
+        text = f"{subject} {self.problem}" + (f"; {self.hint}" if self.hint else "")
+        return " ".join(text.split()) + "."
 
     def for_flag(self, flag: str) -> str:
-        """The message with ``--flag VALUE`` in place of ``option=VALUE``."""
-        text = f"{self._subject(f'{flag} ', str)} {self.problem.strip().rstrip('.')}"
-        if self.hint:
-            text += f"; {self.hint}"
-        return " ".join(text.split()) + "."
+        return self.render(flag)

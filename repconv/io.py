@@ -24,6 +24,10 @@ def check_output_path(target: str | os.PathLike) -> Path:
     if not os.access(folder, os.W_OK):
         raise OutputError(f"cannot write '{target}': folder '{folder}' is not writable",
                           "choose another output path")
+    try:  # the only sure test: /proc, read-only mounts and full disks pass the checks above
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as exc:
+        raise OutputError(f"cannot write '{target}' ({exc.strerror})", "choose another output path") from exc
     return target
 
 
@@ -89,9 +93,8 @@ def sniff(path: str | os.PathLike) -> FileKind:
         head = f.read(16)
     if not head:
         return "empty"
-    size = path.stat().st_size
-    if len(head) >= 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") <= size - 8:
-        return "safetensors"
+    if len(head) >= 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") < 100_000_000:
+        return "safetensors"  # (a truncated one too: its reader then says so)
     if head[:4] == b"PK\x03\x04":
         return "torchscript" if _is_torchscript(path) else "torch-zip"
     if head[:1] == b"\x80":

@@ -8,7 +8,7 @@ import torchvision
 
 import repconv
 from repconv.checkpoint import CheckpointMeta, load_checkpoint, save
-from repconv.errors import ArchError, InputFileError
+from repconv.errors import ArchError, InputFileError, OptionError
 from repconv.models import resolve_arch
 
 
@@ -70,7 +70,7 @@ def test_other_architecture_is_a_readable_error(tmp_path, r18_sd):
     with pytest.raises(ArchError) as info:
         load_checkpoint(path, arch="resnet34")
     msg = str(info.value)
-    assert "do not fit torchvision:resnet34" in msg and "missing" in msg and "check --arch" in msg
+    assert "do not fit torchvision:resnet34" in msg and "missing" in msg and "check arch (and the class count)" in msg
     assert "\n" not in msg
 
 
@@ -84,7 +84,7 @@ def test_unknown_arch(tmp_path, r18_sd):
 def test_weights_without_arch(tmp_path, r18_sd):
     path = tmp_path / "m.pt"
     torch.save(r18_sd, path)
-    with pytest.raises(ArchError, match="pass --arch"):
+    with pytest.raises(OptionError, match=r"arch is needed: .* holds only weights"):
         load_checkpoint(path)
 
 
@@ -131,7 +131,7 @@ def test_malicious_pickle_never_runs(tmp_path):
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.pt"
     torch.save({"state_dict": _Evil(marker)}, path)
-    with pytest.raises(InputFileError, match="--trust-pickle"):
+    with pytest.raises(OptionError, match="trust_pickle is needed"):
         load_checkpoint(path, arch="resnet18")
     assert not marker.exists()
 
@@ -140,7 +140,7 @@ def test_pickled_module_needs_trust(tmp_path):
     model = torchvision.models.resnet18(num_classes=3)
     path = tmp_path / "whole.pt"
     torch.save(model, path)
-    with pytest.raises(InputFileError, match=r"pickled Python object.*--trust-pickle"):
+    with pytest.raises(OptionError, match=r"trust_pickle is needed.*pickled Python object"):
         load_checkpoint(path)
     trusted = load_checkpoint(path, trust_pickle=True)
     assert same_weights(trusted.model, model.state_dict())
@@ -158,7 +158,7 @@ def test_torchscript_archive(tmp_path):
 def test_plain_pickle_file(tmp_path):
     path = tmp_path / "list.pkl"
     path.write_bytes(pickle.dumps([1, 2, 3]))
-    with pytest.raises(InputFileError):
+    with pytest.raises(OptionError, match="trust_pickle is needed"):  # never unpickled without trust
         load_checkpoint(path, arch="resnet18")
 
 

@@ -16,7 +16,7 @@ from rich.markup import escape
 from repconv._version import __version__
 from repconv.cli import convert, deploy, recover, report, run
 from repconv.cli.render import err
-from repconv.errors import OptionError, RepconvError
+from repconv.errors import RepconvError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   rich_markup_mode=None, help="Replacement Learning and parameter-free layers for "
@@ -64,8 +64,7 @@ def main(argv: list[str] | None = None) -> None:
     except RepconvError as exc:
         if debug:
             traceback.print_exc()
-        flag = flag_for(args, exc.option) if isinstance(exc, OptionError) else None
-        _one_line(exc.for_flag(flag) if flag else str(exc))
+        _one_line(exc.render(flag_for(args, exc.option) if exc.option else None))
         sys.exit(2)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)

@@ -30,13 +30,19 @@ ValDataOpt = Annotated[str | None, typer.Option("--val-data", help="labeled vali
                                                 "data's own val split when it has one)")]
 TeacherOpt = Annotated[Path | None, typer.Option("--teacher", help="the original checkpoint (any file repconv "
                                                  "loads)")]
+TeacherArchOpt = Annotated[str | None, typer.Option("--teacher-arch", help="the teacher's architecture when its "
+                                                   "file holds only weights (default: the one the model was "
+                                                   "converted from)")]
 SizeOpt = Annotated[int | None, typer.Option("--input-size", help="square input size (default: the model's)")]
 MeanOpt = Annotated[tuple[float, float, float] | None, typer.Option("--mean", help="normalization mean, three "
                                                                     "values (default: the model's)")]
 StdOpt = Annotated[tuple[float, float, float] | None, typer.Option("--std", help="normalization std, three "
                                                                    "values (default: the model's)")]
 EpochsOpt = Annotated[int, typer.Option("--epochs")]
-BatchSizeOpt = Annotated[int, typer.Option("--batch-size", help="per process")]
+BatchTeacherArchOpt = Annotated[str | None, typer.Option("--teacher-arch", help="the teacher's architecture when its "
+                                                   "file holds only weights (default: the one the model was "
+                                                   "converted from)")]
+SizeOpt = Annotated[int, typer.Option("--batch-size", help="per process")]
 SeedOpt = Annotated[int, typer.Option("--seed")]
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="continue from OUTPUT.state.pt (epoch boundary)")]
 BatchesOpt = Annotated[int | None, typer.Option("--batches-per-epoch", help="cap the batches of an epoch")]

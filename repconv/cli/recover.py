@@ -23,6 +23,7 @@ from repconv.cli.options import (
     SeedOpt,
     SizeOpt,
     StdOpt,
+    TeacherArchOpt,
     TeacherOpt,
     TrustOpt,
     ValDataOpt,
@@ -47,7 +48,7 @@ def _config(values: dict):
 
 
 def calibrate(model: ModelArg, data: DataOpt, output: OutOpt, teacher: TeacherOpt = None,
-              val_data: ValDataOpt = None,
+              teacher_arch: TeacherArchOpt = None, val_data: ValDataOpt = None,
               batches: Annotated[int, typer.Option("--batches", help="calibration batches")] = 4,
               batch_size: BatchSizeOpt = 32,
               select: Annotated[CalibrateSelect, typer.Option("--select", help="all: fit every replaced unit | "
@@ -62,9 +63,12 @@ def calibrate(model: ModelArg, data: DataOpt, output: OutOpt, teacher: TeacherOp
     from repconv import api
     from repconv.options import from_values
 
-    r = api.calibrate(model, teacher=teacher, data=data, output=output, val_data=val_data, input_size=input_size,
-                      mean=mean, std=std, trust_pickle=trust_pickle,
+    r = api.calibrate(model, teacher=teacher, teacher_arch=teacher_arch, data=data, output=output,
+                      val_data=val_data, input_size=input_size,
+                      mean=mean, std=std, trust_pickle=trust_pickle, progress=None if as_json else render.note,
                       options=from_values(api.CalibrateOptions, locals()))
+    for note in r.notes:
+        render.warn(note)
     if as_json:
         render.emit_json(r.to_dict())
     else:
@@ -72,7 +76,8 @@ def calibrate(model: ModelArg, data: DataOpt, output: OutOpt, teacher: TeacherOp
 
 
 def finetune(model: ModelArg, data: DataOpt, output: OutOpt, teacher: TeacherOpt = None,
-             objective: ObjectiveOpt = "ce", train: TrainOpt = "scalars", val_data: ValDataOpt = None,
+             teacher_arch: TeacherArchOpt = None, objective: ObjectiveOpt = "ce", train: TrainOpt = "scalars",
+             val_data: ValDataOpt = None,
              epochs: EpochsOpt = 3, batch_size: BatchSizeOpt = 64, lr: LrOpt = 1e-3,
              optimizer: Annotated[Optimizer, typer.Option("--optimizer", help="adamw | sgd")] = "adamw",
              weight_decay: WeightDecayOpt = 1e-4, warmup_epochs: WarmupOpt = 0.0, accum_steps: AccumOpt = 1,
@@ -84,11 +89,14 @@ def finetune(model: ModelArg, data: DataOpt, output: OutOpt, teacher: TeacherOpt
     """Recover a converted model with labels, distillation from the original, or both (torchrun-ready)."""
     from repconv import api
 
-    r = api.finetune(model, data=data, output=output, teacher=teacher, val_data=val_data, input_size=input_size,
+    r = api.finetune(model, data=data, output=output, teacher=teacher, teacher_arch=teacher_arch,
+                     val_data=val_data, input_size=input_size,
                      mean=mean, std=std, resume=resume, progress=not as_json, trust_pickle=trust_pickle,
                      config=_config(locals()))
     if r.rank != 0:
         return
+    for note in r.notes:
+        render.warn(note)
     if as_json:
         render.emit_json(r.to_dict())
         return

@@ -26,14 +26,14 @@ def report(run_dir: Annotated[Path, typer.Argument(help="run directory holding r
         render.out.print(f"report: {result.path}", soft_wrap=True)
 
 
-def demo(out_dir: Annotated[Path, typer.Option("--out", help="folder for the artifacts, run.json and "
+def demo(out: Annotated[Path, typer.Option("--out", help="folder for the artifacts, run.json and "
                                                "report.html (a trained model there is reused)")] = Path("repconv-demo"),
          quick: Annotated[bool, typer.Option("--quick", help="fewer epochs and bench runs (CI)")] = False,
          as_json: JsonOpt = False) -> None:
     """The whole pipeline offline on the bundled digits data: train, convert, recover, fold, export, bench."""
     from repconv import api
 
-    result = api.demo(out_dir, quick=quick, progress=True, say=render.note)
+    result = api.demo(out, quick=quick, progress=True, say=render.note)
     summary = result.to_dict()
     if as_json:
         render.emit_json(summary)

@@ -14,7 +14,7 @@ import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from repconv.errors import TraceError
+from repconv.errors import OptionError, TraceError
 
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 # What fx names the tensors a forward creates (stored on the traced root); they belong to the graph, not the weights
@@ -77,8 +77,8 @@ def trace(model: nn.Module, leaves: Iterable[str] = ()) -> fx.GraphModule:
     known = dict(model.named_modules())
     for path in leaves:
         if path not in known:
-            raise TraceError(f"--leaf '{path}' names no module of this model",
-                             "use a dotted module path as shown by `repconv inspect`")
+            raise OptionError("leaves", path, "names no module of this model",
+                              "use a dotted module path as shown by `repconv inspect`")
     was_training = model.training
     model.eval()
     tracer = RepconvTracer(leaves)
@@ -90,7 +90,8 @@ def trace(model: nn.Module, leaves: Iterable[str] = ()) -> fx.GraphModule:
         where = _trace_location(model, sys.exc_info()[2])
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise TraceError(f"torch.fx cannot trace {type(model).__name__}: {first} {where}",
-                         "mark that module opaque with --leaf PATH (it will then not be rewritten)") from exc
+                         "mark that module opaque with {option} PATH (it will then not be rewritten)",
+                         option="leaves") from exc
     finally:
         model.train(was_training)
         # fx parks tensors created in forward on the traced module as _tensor_constant{i}, numbered past the

@@ -236,7 +236,7 @@ def plan_parameter_free(model: nn.Module, policy: PfPolicy = "all", op: PfOp = "
     if not targets:
         raise NothingToReplace(f"{type(model).__name__} has no parameter-free target (no spatial conv with in == out "
                                "channels and 'same' padding, no depthwise conv, no vision-transformer attention)",
-                               "choose another model or --method replacement")
+                               "choose another model or the replacement method")
     if units:
         chosen = [t for t in targets if any(fnmatch.fnmatchcase(t.path, g) for g in units)]
         if not chosen:

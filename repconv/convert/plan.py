@@ -150,7 +150,7 @@ class Plan:
     def load(cls, path: str | Path) -> Plan:
         path = Path(path)
         if not path.is_file():
-            raise PlanError(f"plan file '{path}' does not exist", "check the path given to --plan")
+            raise PlanError(f"plan file '{path}' does not exist", "check the path given to {option}", option="plan")
         return cls.from_json(path.read_text())
 
     def digest(self) -> str:

@@ -204,7 +204,7 @@ def _check_io(model: onnx.ModelProto, dynamic_batch: bool) -> None:
     batch_dim = model.graph.input[0].type.tensor_type.shape.dim[0]
     if dynamic_batch and not batch_dim.dim_param:
         raise VerificationError(f"the exporter saved a fixed batch of {batch_dim.dim_value} although a dynamic "
-                                "batch was asked for", "use --exporter legacy, or --static for a fixed batch")
+                                "batch was asked for", "use {option} legacy, or a static batch", option="exporter")
 
 
 def op_counts(model: onnx.ModelProto) -> dict[str, int]:
@@ -407,12 +407,14 @@ def _lower_precision(graph: onnx.ModelProto, meta: CheckpointMeta, o: ExportOpti
     if not verify:
         return lowered
     if source:
-        x = quantize.images(source, "val", meta.input_size, meta.mean, meta.std, o.check_size)
+        x = quantize.images(source, "val", meta.input_size, meta.mean, meta.std, o.check_size,
+                            "check_images" if o.check_images else "calib")
         inputs = f"{len(x)} real images ({source}, val)"
     else:
         x = example_input(meta.input_size, batch=32, seed=13)
         inputs = "32 random inputs"
-        notes.append(f"{dtype} was checked on random inputs only: pass --check-images DIR|digits for real images")
+        notes.append(f"{dtype} was checked on random inputs only: give check images (a folder, or digits) to check "
+                     "it on real images")
     say(f"verifying {dtype} against fp32 on {inputs}")
     reference = run_onnx(ort_session(graph, level=ort_level), x)
     check = _precision_check(dtype, lowered, x, reference, ort_level, inputs,

@@ -83,9 +83,10 @@ def _quantize(model: onnx.ModelProto, reader) -> onnx.ModelProto:
 # ---------------------------------------------------------------- real images
 
 
-def images(source: str, split: str, input_size: tuple[int, int, int], mean, std, limit: int) -> torch.Tensor:
-    """Up to ``limit`` preprocessed images (N, 3, H, W) from ``digits`` or an image folder."""
-    dataset = _dataset(source, split, input_size, mean, std)
+def images(source: str, split: str, input_size: tuple[int, int, int], mean, std, limit: int,
+           option: str = "calib") -> torch.Tensor:
+    """Up to ``limit`` preprocessed images (N, 3, H, W) from ``digits`` or an image folder (given as ``option``)."""
+    dataset = _dataset(source, split, input_size, mean, std, option)
     batches, total = [], 0
     for x, *_ in _batches(dataset):
         batches.append(x)
@@ -97,14 +98,14 @@ def images(source: str, split: str, input_size: tuple[int, int, int], mean, std,
     return torch.cat(batches)[:limit]
 
 
-def _dataset(source: str, split: str, input_size, mean, std):
+def _dataset(source: str, split: str, input_size, mean, std, option: str):
     """``split`` of ``source`` when it has one, else its training images (a flat folder has only those)."""
     try:
-        return make_dataset(source, split, input_size[1:], mean, std, labeled=False)
+        return make_dataset(source, split, input_size[1:], mean, std, labeled=False, option=option)
     except DataError:
         if split == "train":
             raise
-        return make_dataset(source, "train", input_size[1:], mean, std, labeled=False)
+        return make_dataset(source, "train", input_size[1:], mean, std, labeled=False, option=option)
 
 
 def _batches(dataset) -> Iterator:

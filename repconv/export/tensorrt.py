@@ -184,7 +184,7 @@ def _build_serialized(graph: OnnxGraphInfo, shapes: dict, options: EngineOptions
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise VerificationError(f"TensorRT could not build an engine from '{graph.path}' (see its log above)",
-                                "try a larger --workspace or check the log for unsupported layers")
+                                "try a larger workspace or check the log for unsupported layers")
     if cache_file:
         with atomic_path(cache_file) as tmp:
             tmp.write_bytes(bytes(config.get_timing_cache().serialize()))

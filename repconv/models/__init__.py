@@ -41,7 +41,7 @@ class ArchSpec:
             return self.builder(**kwargs)
         except TypeError as exc:
             raise ArchError(f"cannot build {self.name} with {kwargs}: {exc}",
-                            "check --num-classes and the architecture's keyword arguments") from exc
+                            "check {option} and the architecture's keyword arguments", option="num_classes") from exc
 
 
 _OWN: dict[str, ArchSpec] = {}

@@ -55,6 +55,9 @@ def predict_images(session: Session, images: Sequence[str | os.PathLike], top_k:
         raise OptionError("top_k", top_k, "is not positive", "use 1 or more")
     batch = load_images(images, session.info)
     probs = softmax(session.run_batched(batch.tensor.numpy(), batch_size))
+    if top_k > probs.shape[1]:
+        raise OptionError("top_k", top_k, f"is more than the model's {probs.shape[1]} classes",
+                          f"use at most {probs.shape[1]}")
     names = session.class_names
     if names is not None and len(names) != probs.shape[1]:
         names = None  # metadata from another head: indices are safer than wrong labels

@@ -29,7 +29,8 @@ def datasets(data: str | os.PathLike, val_data: str | os.PathLike | None, spec: 
     """(train set, validation set or None): ``val_data`` wins, else the data's own ``val`` split."""
     train_set = make_dataset(data, "train", *spec, labeled=labeled)
     if val_data is not None:
-        val_set = make_dataset(val_data, "val" if has_split(val_data, "val") else "train", *spec, labeled=True)
+        val_set = make_dataset(val_data, "val" if has_split(val_data, "val") else "train", *spec, labeled=True,
+                               option="val_data")
     elif has_split(data, "val"):
         val_set = make_dataset(data, "val", *spec, labeled=True)
     else:
@@ -55,4 +56,5 @@ def check_classes(sets, model: nn.Module, input_size: Sequence[int]) -> None:
         if ds is not None and classes and len(classes) != n:
             raise DataError(f"the data has {len(classes)} classes ({', '.join(classes[:5])}"
                             f"{', ...' if len(classes) > 5 else ''}) but the model's classifier has {n} outputs",
-                            "give data with the model's classes, or distill from the teacher (labels unused)")
+                            "give data with the model's classes, or distill from the teacher ({option} distill: "
+                            "labels unused)", option="objective")

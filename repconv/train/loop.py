@@ -31,6 +31,7 @@ from repconv.convert.replacement import replaced_units
 from repconv.errors import InputFileError, OptionError
 from repconv.io import atomic_path
 from repconv.options import Amp, Objective, Optimizer, Trainable, check_choices
+from repconv.progress import progress
 
 STATE_VERSION = 1
 _NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
@@ -277,12 +278,10 @@ def _truncate_metrics(path: Path, epochs_done: int) -> None:
 
 
 def _progress(enabled: bool):
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("{task.fields[stats]}"), TimeElapsedColumn(),
-                    console=Console(stderr=True), disable=not enabled, transient=False)
+    return progress(enabled, TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("{task.fields[stats]}"), TimeElapsedColumn())
 
 
 def fit(model: nn.Module, train_set: Dataset, cfg: TrainConfig, *, val_set: Dataset | None = None,

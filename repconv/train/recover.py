@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import copy
 import os
-from dataclasses import asdict, dataclass
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -49,14 +51,33 @@ TRAIN_DEFAULTS = TrainConfig(epochs=30, batch_size=64, lr=0.1, optimizer="sgd", 
                              warmup_epochs=1.0, objective="ce", trainable="all")
 
 
-def _load_teacher(teacher: ModelLike | None, why: str, trust_pickle: bool) -> Loaded:
+def _load_teacher(teacher: ModelLike | None, why: str, trust_pickle: bool, arch: str | None,
+                  student: CheckpointMeta) -> Loaded:
+    """The original model. A file holding only weights is built as ``arch`` or, without one, as the
+    architecture the student was converted from (its metadata names it)."""
     if teacher is None:
         raise OptionError("teacher", None, f"is needed: {why} compares with the original model",
                           "give the original checkpoint")
-    loaded = load_checkpoint(teacher, trust_pickle=trust_pickle)
+    loaded = load_checkpoint(teacher, arch=arch or student.arch, trust_pickle=trust_pickle)
     if loaded.meta.kind == "converted":
         raise InputFileError("the teacher is a converted model", "give the original checkpoint it was converted from")
     return loaded
+
+
+def timed(progress: Callable[[str], None] | None) -> Callable[[str], None]:
+    """``progress`` with the seconds since the stage began in front of each message (a no-op without one)."""
+    start = time.monotonic()
+    return (lambda text: progress(f"[{time.monotonic() - start:6.1f}s] {text}")) if progress else (lambda _: None)
+
+
+def _labels_fit(val_set, model: nn.Module, spec, notes: list[str]):
+    """``val_set`` when its classes are the model's; else None, and a note (accuracy cannot be measured)."""
+    try:
+        check_classes([val_set], model, spec[0])
+    except DataError as exc:
+        notes.append(f"validation accuracy not measured: {exc.message}")
+        return None
+    return val_set
 
 
 def _val_accuracy(model: nn.Module, val_set) -> float | None:
@@ -98,6 +119,7 @@ class CalibrationResult:
     images: int
     selected: list[str] | None = None  # select="measured": the units kept
     damage: list[dict] | None = None
+    notes: list[str] = field(default_factory=list)
     output: Path | None = None
 
     def to_dict(self) -> dict:
@@ -106,26 +128,33 @@ class CalibrationResult:
 
 def calibrate(model: ModelLike, *, teacher: ModelLike | None, data: str | os.PathLike,
               output: str | os.PathLike | None = None, val_data: str | os.PathLike | None = None,
+              teacher_arch: str | None = None,
               input_size=None, mean=None, std=None, trust_pickle: bool = False,
-              options: CalibrateOptions | None = None, **overrides) -> CalibrationResult:
+              progress: Callable[[str], None] | None = None, options: CalibrateOptions | None = None,
+              **overrides) -> CalibrationResult:
     """Fit each replaced unit's (a, b) to the teacher unit's outputs on a few batches (function space).
 
     ``options`` (or keyword overrides: ``batches``, ``batch_size``, ``select``, ``budget``, ``max_iter``,
     ``seed``). ``select="measured"`` keeps only the ``budget`` least harmful of the model's replaced units
-    (ranked by KL to the teacher's logits); the others get their original weights back.
+    (ranked by KL to the teacher's logits); the others get their original weights back. ``progress(text)``
+    hears of each phase.
     """
     o = with_overrides(CalibrateOptions, options, overrides)
+    say = timed(progress)
     loaded = load_checkpoint(model, trust_pickle=trust_pickle)
     if not replaced_units(loaded.model):
         raise NothingToReplace(f"'{loaded.path or 'the model'}' has no replaced unit, so there is nothing to calibrate",
                                "convert with the replacement (or both) method first")
-    t = _load_teacher(teacher, "calibrate", trust_pickle)
+    t = _load_teacher(teacher, "calibrate", trust_pickle, teacher_arch, loaded.meta)
     spec = data_spec(loaded.meta, input_size, mean, std)
+    notes: list[str] = []
     _, val_set = datasets(data, val_data, spec, labeled=False)
-    check_classes([val_set], loaded.model, spec[0])
+    val_set = _labels_fit(val_set, loaded.model, spec, notes)  # labels are only for reporting here
+    say(f"reading {o.batches} calibration batches of {o.batch_size} from {data}")
     calib = calibration_batches(data, spec, o.batches, o.batch_size, o.seed)
     selected = damage = None
     if o.select == "measured":
+        say(f"measuring the damage of each of {len(loaded.meta.plan.replace_steps)} replaced units")
         damages = measure_damage(t.model, loaded.meta.plan.replace_steps, calib)
         selected = least_harmful(damages, o.budget)
         plan = Plan([s for s in loaded.meta.plan.steps if getattr(s, "unit", None) in (None, *selected)],
@@ -134,15 +163,20 @@ def calibrate(model: ModelLike, *, teacher: ModelLike | None, data: str | os.Pat
         loaded.meta.plan = plan
         damage = [asdict(d) for d in damages]
     student = loaded.model.eval()
+    if val_set is not None:
+        say(f"validating the model as it came in ({len(val_set)} images)")
     before = _val_accuracy(student, val_set)
+    say(f"fitting {2 * len(replaced_units(student))} scalars (L-BFGS, up to {o.max_iter} iterations)")
     cal = calibrate_units(student, t.model, calib, o.max_iter)
+    if val_set is not None:
+        say("validating the calibrated model and the teacher")
     for s in loaded.meta.plan.replace_steps:  # the plan records the calibrated scalars too
         fit_ = next((f for f in cal.units if f.unit == s.unit), None)
         if fit_:
             s.a, s.b, s.init = fit_.a, fit_.b, "fixed"
     result = CalibrationResult([asdict(f) for f in cal.units], cal.kl_before, cal.kl_after,
                                _val_accuracy(student, val_set), before, _val_accuracy(t.model, val_set),
-                               len(calib), sum(len(x) for x in calib), selected, damage)
+                               len(calib), sum(len(x) for x in calib), selected, damage, notes)
     if output is not None:
         loaded.meta.extra["calibration"] = {"batches": result.batches, "images": result.images}
         result.output = save(output, student, loaded.meta)
@@ -163,6 +197,7 @@ class FitOutcome:
     history: list[dict]
     resumed_from_epoch: int | None
     world_size: int
+    notes: list[str] = field(default_factory=list)
     ranks_in_sync: bool | None
     rank: int = 0
     output: Path | None = None
@@ -221,7 +256,8 @@ def _fit(model: nn.Module, meta: CheckpointMeta, cfg: TrainConfig, *, train_set,
 
 
 def finetune(model: ModelLike, *, data: str | os.PathLike, output: str | os.PathLike,
-             teacher: ModelLike | None = None, val_data: str | os.PathLike | None = None,
+             teacher: ModelLike | None = None, teacher_arch: str | None = None,
+             val_data: str | os.PathLike | None = None,
              input_size=None, mean=None, std=None, resume: bool = False, progress: bool = False,
              trust_pickle: bool = False, config: TrainConfig | None = None, **overrides) -> FinetuneResult:
     """Recover a converted (or any) model: labels (ce), distillation from ``teacher`` (distill) or both.
@@ -233,11 +269,16 @@ def finetune(model: ModelLike, *, data: str | os.PathLike, output: str | os.Path
     """
     cfg = _config(FINETUNE_DEFAULTS, config, overrides)
     loaded = load_checkpoint(model, trust_pickle=trust_pickle)
-    t = _load_teacher(teacher, f"the {cfg.objective} objective", trust_pickle) if cfg.objective != "ce" else None
+    t = _load_teacher(teacher, f"the {cfg.objective} objective", trust_pickle, teacher_arch,
+                      loaded.meta) if cfg.objective != "ce" else None
     spec = data_spec(loaded.meta, input_size, mean, std)
     labeled = cfg.objective != "distill" or str(data) == "digits"
     train_set, val_set = datasets(data, val_data, spec, labeled=labeled)
-    check_classes([train_set if labeled else None, val_set], loaded.model, spec[0])
+    notes: list[str] = []
+    if labeled:  # the loss needs the labels: they must be the model's classes
+        check_classes([train_set, val_set], loaded.model, spec[0])
+    else:
+        val_set = _labels_fit(val_set, loaded.model, spec, notes)
     student = loaded.model
     if t is not None and num_outputs(t.model, spec[0]) != num_outputs(student, spec[0]):
         raise ArchError("the teacher's classifier and the model's have different output counts",
@@ -245,7 +286,7 @@ def finetune(model: ModelLike, *, data: str | os.PathLike, output: str | os.Path
     res = _fit(student, copy.deepcopy(loaded.meta), cfg, train_set=train_set, val_set=val_set,
                teacher=t.model if t else None, output=output, resume=resume, progress=progress)
     return FinetuneResult(objective=cfg.objective, train=cfg.trainable, total_params=count_params(student),
-                          amp=res.amp, device=res.device, **FitOutcome.fields_of(res, output))
+                          amp=res.amp, device=res.device, **FitOutcome.fields_of(res, output), notes=notes)
 
 
 def train(arch: str, *, data: str | os.PathLike, output: str | os.PathLike, replace: bool = True,

@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from repconv.convert.graph import find_runs, propagate_shapes, trace
-from repconv.errors import TraceError
+from repconv.errors import OptionError, TraceError
 
 
 class DataDependent(nn.Module):
@@ -32,7 +32,8 @@ def test_trace_error_names_module_line_and_leaf():
         trace(Outer())
     msg = str(info.value)
     assert "module 'body'" in msg and "DataDependent.forward" in msg
-    assert "if x.sum() > 0" in msg and "--leaf" in msg and "\n" not in msg
+    assert "if x.sum() > 0" in msg and "opaque with leaves PATH" in msg and "\n" not in msg
+    assert "opaque with --leaf PATH" in info.value.render("--leaf")  # the CLI's words
 
 
 def test_leaf_makes_it_traceable_and_opaque():
@@ -41,7 +42,7 @@ def test_leaf_makes_it_traceable_and_opaque():
     x = torch.randn(2, 4)
     assert torch.equal(gm(x), model(x))
     assert any(n.op == "call_module" and n.target == "body" for n in gm.graph.nodes)
-    with pytest.raises(TraceError, match="--leaf 'nope' names no module"):
+    with pytest.raises(OptionError, match="leaves='nope' names no module"):
         trace(model, leaves=["nope"])
 
 
