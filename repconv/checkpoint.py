@@ -69,6 +69,17 @@ class CheckpointMeta:
         known = set(cls.__dataclass_fields__)
         return cls(**{k: v for k, v in data.items() if k in known})
 
+    def with_input(self, input_size=None, mean=None, std=None) -> CheckpointMeta:
+        """A copy with the user's preprocessing (a square ``input_size`` int, or (C, H, W)), where given."""
+        import copy
+
+        meta = copy.deepcopy(self)
+        if input_size is not None:
+            meta.input_size = (3, input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
+        meta.mean = tuple(mean) if mean is not None else meta.mean
+        meta.std = tuple(std) if std is not None else meta.std
+        return meta
+
     @classmethod
     def for_arch(cls, spec: ArchSpec, arch_kwargs: dict | None = None, **kw) -> CheckpointMeta:
         names = list(spec.class_names) if spec.class_names else None

@@ -197,10 +197,13 @@ def summarize(original: nn.Module, converted: nn.Module, plan: Plan, *, arch: st
 
 def convert(model: ModelLike, *, arch: str | None = None, num_classes: int | None = None, trust_pickle: bool = False,
             output: str | os.PathLike | None = None, plan_output: str | os.PathLike | None = None,
-            options: ConvertOptions | None = None, **overrides) -> Conversion:
+            input_size=None, mean=None, std=None, options: ConvertOptions | None = None,
+            **overrides) -> Conversion:
     """Rewrite a model into the chosen form. The input model is never modified.
 
     ``output``: write the converted checkpoint; ``plan_output``: also write the plan as JSON.
+    ``input_size`` / ``mean`` / ``std``: the model's preprocessing, recorded in the file (default: the
+    architecture's), when it was trained with other values.
 
     ``options`` (or keyword overrides of its fields: ``method``, ``every``, ``units``, ``pf_policy``, ...; see
     :class:`ConvertOptions`) say what to change. ``select="measured"`` replaces the ``budget`` units whose
@@ -213,8 +216,11 @@ def convert(model: ModelLike, *, arch: str | None = None, num_classes: int | Non
     loaded = load_checkpoint(model, arch=arch, num_classes=num_classes, trust_pickle=trust_pickle)
     if loaded.meta.kind == "converted":
         raise PlanError("the model is already converted", "convert the original checkpoint instead")
+    if output is not None and loaded.meta.arch is None:  # before the work: saving would need it
+        raise OptionError("arch", None, f"is needed to save the conversion of '{loaded.path or 'the model'}', a "
+                          "pickled module whose architecture repconv cannot name", "give its name, e.g. resnet50")
     original = loaded.model.eval()
-    meta = copy.deepcopy(loaded.meta)
+    meta = loaded.meta.with_input(input_size, mean, std)
     plan = o.plan if isinstance(o.plan, Plan) or o.plan is None else Plan.load(o.plan)
     leaves = list(plan.leaves if plan is not None and plan.leaves else o.leaves)
     gm = trace(copy.deepcopy(original), leaves)  # first, so an untraceable model is reported as such

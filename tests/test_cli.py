@@ -1,8 +1,10 @@
 import json
+import os
 
 import pytest
 import torch
 import torchvision
+from PIL import Image
 from torch import nn
 
 from repconv.models import resolve_arch
@@ -133,3 +135,62 @@ def test_cli_does_not_need_click():
     code = "import sys; sys.modules['click'] = None; import repconv.cli"  # any `import click` now fails
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+# ---------------------------------------------------------------- a user's first day: each of these was a crash
+
+
+@pytest.fixture
+def jpegs(tmp_path):
+    """A flat folder of JPEGs, one of them truncated (PIL's verify() passes it; decoding fails)."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i in range(3):
+        Image.new("RGB", (40, 40), (30 * i, 90, 160)).save(folder / f"{i}.jpg", quality=95)
+    data = (folder / "0.jpg").read_bytes()
+    (folder / "broken.jpg").write_bytes(data[: len(data) // 2])
+    return folder
+
+
+def _one_line_exit_2(result, expected: str, folder) -> None:
+    code, stdout, stderr = result
+    assert code == 2, (stdout, stderr)
+    assert stderr.startswith("error: ") and len(stderr.strip().splitlines()) == 1, stderr
+    assert expected in stderr, stderr
+    assert not [p for p in folder.iterdir() if p.name.startswith(("o.", "out", "x."))]
+
+
+@pytest.mark.parametrize("case", ["proc output", "bench json to proc", "negative lr", "missing calib folder",
+                                  "top-k above the classes", "pickled module without arch"])
+def test_first_day_bad_input(run_cli, r32_file, small_onnx, tmp_path, jpegs, case):
+    module = tmp_path / "module.pt"
+    torch.save(resolve_arch("cifar_resnet8").build(), module)
+    args, expected = {
+        "proc output": (["convert", r32_file, "--arch", "cifar_resnet32", "-o", "/proc/x.safetensors"],
+                        "cannot write '/proc/x.safetensors'"),
+        "bench json to proc": (["bench", small_onnx, "--json-out", "/proc/x.json", "--batch", "1"],
+                               "cannot write '/proc/x.json'"),
+        "negative lr": (["finetune", r32_file, "--data", "digits", "-o", tmp_path / "o.safetensors", "--lr", "-5"],
+                        "--lr -5.0 must not be negative"),
+        "missing calib folder": (["export", r32_file, "--arch", "cifar_resnet32", "-o", tmp_path / "o.onnx",
+                                  "--dtype", "int8", "--calib", tmp_path / "nowhere"],
+                                 "--calib " + str(tmp_path / "nowhere") + " is neither 'digits' nor"),
+        "top-k above the classes": (["predict", small_onnx, jpegs / "1.jpg", "--top-k", "5000"],
+                                    "--top-k 5000 is more than the model's 10 classes"),
+        "pickled module without arch": (["convert", module, "--trust-pickle", "-o", tmp_path / "o.safetensors"],
+                                        "--arch is needed to save the conversion"),
+    }[case]
+    if case == "proc output" and os.geteuid() != 0:
+        pytest.skip("root on Linux: /proc passes os.access")
+    _one_line_exit_2(run_cli(*args), expected, tmp_path)
+
+
+def test_a_truncated_image_in_the_data_is_skipped_with_a_warning(jpegs, caplog):
+    import logging
+
+    from repconv.data import make_dataset
+
+    with caplog.at_level(logging.WARNING, logger="repconv.data"):
+        ds = make_dataset(jpegs, "train", 16, (0.5,) * 3, (0.5,) * 3, labeled=False)
+    assert len(ds) == 3 and all(ds[i][0].shape == (3, 16, 16) for i in range(3))
+    assert any("broken.jpg" in r.getMessage() and "truncated" in r.getMessage() for r in caplog.records)

@@ -8,7 +8,18 @@ from typing import Annotated
 import typer
 
 from repconv.cli import render
-from repconv.cli.options import ArchOpt, JsonOpt, LeafOpt, ModelArg, NumClassesOpt, OutOpt, TrustOpt
+from repconv.cli.options import (
+    ArchOpt,
+    JsonOpt,
+    LeafOpt,
+    MeanOpt,
+    ModelArg,
+    NumClassesOpt,
+    OutOpt,
+    SizeOpt,
+    StdOpt,
+    TrustOpt,
+)
 from repconv.options import Init, Method, PfOp, PfPolicy, Select
 
 MethodOpt = Annotated[Method, typer.Option("--method", help="replacement | parameter-free | both")]
@@ -62,12 +73,14 @@ def convert(model: ModelArg, output: OutOpt, arch: ArchOpt = None, num_classes: 
             pf_units: PfUnitsOpt = None,
             plan_out: Annotated[Path | None, typer.Option("--plan-out", help="also write the plan as JSON")] = None,
             select: SelectOpt = "position", budget: BudgetOpt = None, data: CalibDataOpt = None,
+            input_size: SizeOpt = None, mean: MeanOpt = None, std: StdOpt = None,
             trust_pickle: TrustOpt = False, as_json: JsonOpt = False) -> None:
     """Rewrite a checkpoint into the Replacement Learning and/or parameter-free form."""
     from repconv import api
 
     result = api.convert(model, arch=arch, num_classes=num_classes, trust_pickle=trust_pickle, output=output,
-                         plan_output=plan_out, options=_options(locals()))
+                         plan_output=plan_out, input_size=input_size, mean=mean, std=std,
+                         options=_options(locals()))
     if as_json:
         render.emit_json({**result.summary.to_dict(), "output": str(output)})
     else:

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from repconv.cli import render
-from repconv.cli.options import ArchOpt, JsonOpt, ModelArg, NumClassesOpt, TrustOpt
+from repconv.cli.options import ArchOpt, JsonOpt, MeanOpt, ModelArg, NumClassesOpt, SizeOpt, StdOpt, TrustOpt
 from repconv.options import Dtype, Exporter, ExportFormat, OrtLevel
 
 
@@ -73,6 +73,7 @@ def export(model: ModelArg,
                                                            "level 0..5")] = 3,
            print_trtexec: Annotated[bool, typer.Option("--print-trtexec", help="print the equivalent trtexec "
                                                        "command line instead of building")] = False,
+           input_size: SizeOpt = None, mean: MeanOpt = None, std: StdOpt = None,
            arch: ArchOpt = None, num_classes: NumClassesOpt = None, trust_pickle: TrustOpt = False,
            as_json: JsonOpt = False) -> None:
     """Export a folded (or converted: folded first) model as a verified ONNX file, or a TensorRT engine."""
@@ -84,7 +85,8 @@ def export(model: ModelArg,
     load = dict(arch=arch, num_classes=num_classes, trust_pickle=trust_pickle)
     if format == "onnx":
         with render.status("exporting") as status:
-            result = api.export(model, output, options=options, progress=status.update, **load)
+            result = api.export(model, output, options=options, progress=status.update, input_size=input_size,
+                                mean=mean, std=std, **load)
         if as_json:
             render.emit_json(result.to_dict())
         else:

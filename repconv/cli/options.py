@@ -39,10 +39,7 @@ MeanOpt = Annotated[tuple[float, float, float] | None, typer.Option("--mean", he
 StdOpt = Annotated[tuple[float, float, float] | None, typer.Option("--std", help="normalization std, three "
                                                                    "values (default: the model's)")]
 EpochsOpt = Annotated[int, typer.Option("--epochs")]
-BatchTeacherArchOpt = Annotated[str | None, typer.Option("--teacher-arch", help="the teacher's architecture when its "
-                                                   "file holds only weights (default: the one the model was "
-                                                   "converted from)")]
-SizeOpt = Annotated[int, typer.Option("--batch-size", help="per process")]
+BatchSizeOpt = Annotated[int, typer.Option("--batch-size", help="per process")]
 SeedOpt = Annotated[int, typer.Option("--seed")]
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="continue from OUTPUT.state.pt (epoch boundary)")]
 BatchesOpt = Annotated[int | None, typer.Option("--batches-per-epoch", help="cap the batches of an epoch")]

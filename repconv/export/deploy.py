@@ -24,12 +24,14 @@ __all__ = ["EnginePlan", "build_engine", "engine_plan", "export"]
 
 def export(model: ModelLike | Conversion, output: str | os.PathLike, *, format: ExportFormat = "onnx",
            arch: str | None = None, num_classes: int | None = None, trust_pickle: bool = False,
-           options: ExportOptions | None = None, progress=None, **overrides) -> ExportResult:
+           input_size=None, mean=None, std=None, options: ExportOptions | None = None, progress=None,
+           **overrides) -> ExportResult:
     """Export a checkpoint (path, module, Loaded or Conversion) as a verified ONNX file.
 
     A converted model is folded first (its fold parity is checked as in :func:`repconv.fold`). ``options``
     (or keyword overrides of its fields: ``dtype``, ``opset``, ``dynamic_batch``, ``exporter``, ``calib``, ...;
     see :class:`~repconv.export.onnx.ExportOptions`) say how. Engines: :func:`build_engine`.
+    ``input_size`` / ``mean`` / ``std`` override the preprocessing written into the ONNX metadata.
     """
     check_choice("format", format, ExportFormat)
     if format != "onnx":
@@ -40,7 +42,8 @@ def export(model: ModelLike | Conversion, output: str | os.PathLike, *, format: 
     if replaced_units(loaded.model) or loaded.meta.kind == "converted":
         folded = fold(loaded)
         loaded = Loaded(folded.model, folded.meta, loaded.path)
-    return export_onnx(loaded.model, output, meta=loaded.meta, options=o, progress=progress)
+    return export_onnx(loaded.model, output, meta=loaded.meta.with_input(input_size, mean, std), options=o,
+                       progress=progress)
 
 
 @dataclass

@@ -378,9 +378,14 @@ def export_onnx(model: nn.Module, output: str | os.PathLike, *, meta: Checkpoint
 
 
 def check_options(output: str | os.PathLike, options: ExportOptions) -> int:
-    """Reject a bad output name or opset before any work is done; returns the opset to use."""
+    """Reject a bad output name, image folder or opset before any work is done; returns the opset to use."""
     if Path(output).suffix != ".onnx":
         raise OutputError(f"'{output}' does not end in .onnx", "name the output FILE.onnx")
+    for name in ("calib", "check_images"):
+        source = getattr(options, name)
+        if source is not None and str(source) != "digits" and not Path(source).is_dir():
+            raise OptionError(name, str(source), "is neither 'digits' nor an existing folder", "check the path")
+    check_output_path(output)
     return resolve_opset(options.opset, options.exporter)
 
 
