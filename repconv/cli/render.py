@@ -50,14 +50,20 @@ def warn(text: str) -> None:
 class _Lines:
     """What a spinner shows, as plain timestamped lines: for logs and pipes, where a spinner shows nothing.
 
-    Nothing is printed before the work reports its first step, so an early error stays one line.
+    A step is printed when at least ``every`` seconds passed since the last line (or the start): a quick
+    command, or an error in its first seconds, stays quiet; a long one says where it is.
     """
 
+    every = 3.0
+
     def __init__(self, message: str):
-        self.start = time.monotonic()
+        self.start = self.last = time.monotonic()
 
     def update(self, message: str) -> None:
-        note(f"[{time.monotonic() - self.start:6.1f}s] {message}")
+        now = time.monotonic()
+        if now - self.last >= self.every:
+            self.last = now
+            note(f"[{now - self.start:6.1f}s] {message}")
 
 
 @contextlib.contextmanager

@@ -24,7 +24,7 @@ import torch
 
 from repconv._version import __version__
 from repconv.convert.graph import example_input
-from repconv.errors import DependencyError, InputFileError, OptionError
+from repconv.errors import InputFileError, OptionError
 from repconv.export.deploy import build_engine, export
 from repconv.export.engine import require_tensorrt
 from repconv.io import artifact_backend, atomic_path, check_output_path, write_text_atomic
@@ -327,8 +327,7 @@ def _targets(path: Path, scratch: Path, o: BenchOptions, backends, arch, num_cla
     if "trt" in chosen:  # refuse now, not after measuring the artifacts before this one
         require_tensorrt(f"benchmarking '{path.name}' with TensorRT")
     if not chosen:
-        raise DependencyError(f"'{path}' is a TensorRT engine, which the chosen backends ({','.join(backends)}) "
-                              "leave out", "add trt to the backends")
+        raise OptionError("backends", list(backends), f"leaves out '{path}', a TensorRT engine", "add trt")
     targets = []
     for b in chosen:
         run_path, label = path, path.name

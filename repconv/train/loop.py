@@ -278,6 +278,8 @@ def _truncate_metrics(path: Path, epochs_done: int) -> None:
 
 
 def _progress(enabled: bool):
+    if not enabled:  # needs no rich (a bare GPU machine may lack it)
+        return progress(False)
     from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 
     return progress(enabled, TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),

@@ -56,7 +56,9 @@ def test_predict_topk_structure_and_bad_files(tmp_path, small_checkpoint, small_
     for a, b in zip(result.predictions, onnx_result.predictions, strict=True):
         assert [s.index for s in a.top] == [s.index for s in b.top]
         assert np.allclose([s.probability for s in a.top], [s.probability for s in b.top], atol=1e-5)
-    assert len(api.predict(small_checkpoint, paths[:1], top_k=50).predictions[0].top) == 10
+    assert len(api.predict(small_checkpoint, paths[:1], top_k=10).predictions[0].top) == 10
+    with pytest.raises(OptionError, match="top_k=50 is more than the model's 10 classes"):  # never silently cut
+        api.predict(small_checkpoint, paths[:1], top_k=50)
 
 
 def test_predict_errors(tmp_path, small_checkpoint):
@@ -64,7 +66,7 @@ def test_predict_errors(tmp_path, small_checkpoint):
     bad.write_text("hello")
     with pytest.raises(DataError, match="no usable image"):
         api.predict(small_checkpoint, [bad])
-    with pytest.raises(OptionError, match="--top-k 0"):
+    with pytest.raises(OptionError, match="top_k=0 is not positive"):
         api.predict(small_checkpoint, [bad], top_k=0)
 
 

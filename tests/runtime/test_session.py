@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from repconv.convert.graph import count_flops, count_params, example_input
-from repconv.errors import DependencyError, InputFileError
+from repconv.errors import DependencyError, InputFileError, OptionError
 from repconv.onnx_graph import onnx_macs
 from repconv.runtime import open_session
 
@@ -50,9 +50,9 @@ def test_artifact_errors(tmp_path, small_checkpoint, small_onnx):
     bad.write_bytes(b"this is not onnx")
     with pytest.raises(InputFileError, match="not a readable ONNX"):
         open_session(bad)
-    with pytest.raises(InputFileError, match="ONNX file, which the torch backend cannot run"):
+    with pytest.raises(OptionError, match=r"backend='torch' cannot run .*, which is an ONNX file"):
         open_session(small_onnx, backend="torch")
-    with pytest.raises(InputFileError, match="PyTorch checkpoint, which the ort backend"):
+    with pytest.raises(OptionError, match=r"backend='ort' cannot run .*, which is a PyTorch checkpoint"):
         open_session(small_checkpoint, backend="ort")
     if "CUDAExecutionProvider" not in __import__("onnxruntime").get_available_providers():
         with pytest.raises(DependencyError, match="onnxruntime-gpu"):
@@ -84,5 +84,5 @@ def test_channels_last_torch_session_gives_the_same_logits(tmp_path, small_check
         assert conv.weight.is_contiguous(memory_format=torch.channels_last)
         assert not conv.weight.is_contiguous()  # really converted, not a no-op
         np.testing.assert_allclose(nhwc.run(x), nchw.run(x), atol=1e-5, rtol=1e-5)
-    with pytest.raises(InputFileError, match="channels_last only applies to torch"):
+    with pytest.raises(OptionError, match="channels_last applies to PyTorch checkpoints only"):
         open_session(small_onnx, channels_last=True)
