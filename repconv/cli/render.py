@@ -54,7 +54,7 @@ class _Lines:
     command, or an error in its first seconds, stays quiet; a long one says where it is.
     """
 
-    every = 3.0
+    every = 5.0
 
     def __init__(self, message: str):
         self.start = self.last = time.monotonic()

@@ -157,7 +157,9 @@ def test_cli_export_bad_input(case, digits_checkpoint, tmp_path, capsys, monkeyp
         args[3] = out
     assert cli(*args) == 2
     lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1 and expect in lines[0], lines
+    if case == "parity":  # it fails after work began: on a slow machine, timed progress lines come first
+        lines = [ln for ln in lines if not ln.startswith("[")]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expect in lines[0], lines
     assert list(tmp_path.glob("out*")) == [] and not list(tmp_path.glob(".out*"))
 
 
