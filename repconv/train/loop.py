@@ -274,13 +274,31 @@ def _truncate_metrics(path: Path, epochs_done: int) -> None:
 # ---------------------------------------------------------------- the loop
 
 
+class _NoProgress:
+    """What ``_progress(False)`` gives: the calls a rich Progress takes, doing nothing (and needing no rich)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+    def add_task(self, *args, **kwargs) -> int:
+        return 0
+
+    def update(self, *args, **kwargs) -> None:
+        return None
+
+
 def _progress(enabled: bool):
+    if not enabled:
+        return _NoProgress()
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TextColumn("{task.fields[stats]}"), TimeElapsedColumn(),
-                    console=Console(stderr=True), disable=not enabled, transient=False)
+                    console=Console(stderr=True), transient=False)
 
 
 def fit(model: nn.Module, train_set: Dataset, cfg: TrainConfig, *, val_set: Dataset | None = None,
