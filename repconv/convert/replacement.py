@@ -80,8 +80,9 @@ class Synthesis(torch.autograd.Function):
         a, b, prev, next = ctx.saved_tensors
         need_a, need_b, need_prev, need_next = ctx.needs_input_grad
         flat = grad.reshape(-1)
-        ga = torch.vdot(flat, prev.reshape(-1)).to(a.dtype).reshape(a.shape) if need_a else None
-        gb = torch.vdot(flat, next.reshape(-1)).to(b.dtype).reshape(b.shape) if need_b else None
+        # .to(a): the scalars may live elsewhere than the weights (a 0-dim CPU tensor with CUDA weights)
+        ga = torch.vdot(flat, prev.reshape(-1)).to(a).reshape(a.shape) if need_a else None
+        gb = torch.vdot(flat, next.reshape(-1)).to(b).reshape(b.shape) if need_b else None
         gp = (grad * a.to(grad.dtype)).to(prev.dtype) if need_prev else None
         gn = (grad * b.to(grad.dtype)).to(next.dtype) if need_next else None
         return ga, gb, gp, gn

@@ -85,3 +85,15 @@ def test_function_allocates_fewer_weight_shaped_tensors():
             fn(a, b, prev, nxt).backward(upstream)
         counts[name] = mode.big
     assert counts["function"] == 2 and counts["autograd"] >= 5, counts
+
+
+def test_scalar_gradients_keep_the_scalars_dtype():
+    a = torch.tensor(0.5, requires_grad=True)  # float32 scalars, float64 weights
+    b = torch.tensor(0.25, requires_grad=True)
+    prev, nxt = torch.randn(4, 4, dtype=torch.float64), torch.randn(4, 4, dtype=torch.float64)
+    w = synthesize(a, b, prev, nxt)
+    assert w.dtype == torch.float64
+    w.sum().backward()
+    assert a.grad.dtype == b.grad.dtype == torch.float32 and a.grad.shape == ()
+    torch.testing.assert_close(a.grad, prev.sum().float())
+    torch.testing.assert_close(b.grad, nxt.sum().float())
