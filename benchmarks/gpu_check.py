@@ -910,8 +910,10 @@ def part_ddp(args, deadline: Deadline) -> dict:
 
 
 def run_part(name: str, args, cap: float) -> dict:
-    started, info = time.perf_counter(), {"machine_at_start": {"loadavg_1m": loadavg(), "utc": time.strftime(
-        "%Y-%m-%dT%H:%M:%SZ", time.gmtime())}}
+    started = time.perf_counter()
+    info = {"torch": torch.__version__, "cuda_runtime": torch.version.cuda,
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "machine_at_start": {"loadavg_1m": loadavg(), "utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}}
     deadline = Deadline(cap)
     body: dict = {}
     try:

@@ -69,7 +69,7 @@ def test_schema(dry_run):
         assert {"status", "reason", "seconds", "cap_s", "config", "checks", "results", "machine"} <= set(part), name
         assert part["status"] in ("ok", "failed", "skipped"), name
         assert part["config"], name
-        assert {"machine_at_start", "machine_at_end"} <= set(part["machine"])
+        assert {"torch", "cuda_runtime", "gpu", "machine_at_start", "machine_at_end"} <= set(part["machine"])
         for key, c in part["checks"].items():
             assert c["status"] in ("ok", "failed", "skipped"), (name, key)
             if c["status"] != "ok":
