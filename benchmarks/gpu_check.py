@@ -878,8 +878,8 @@ def part_ddp(args, deadline: Deadline) -> dict:
               "WORLD_SIZE > 1, so at world size 1 it runs its collectives (metrics all_reduce, the ranks-in-sync "
               "all_gather) on the process group; the explicit loop wraps the model in DistributedDataParallel"}
     checks: dict = {}
-    env = {} if cuda else {"CUDA_VISIBLE_DEVICES": ""}
     with tempfile.TemporaryDirectory(prefix="gpu-check-ddp-") as tmp:
+        env = {"TMPDIR": tmp, **({} if cuda else {"CUDA_VISIBLE_DEVICES": ""})}  # torchrun's log folder goes too
         runs = {}
         for kind in ("plain", "torchrun"):
             out = str(Path(tmp) / f"{kind}.pt")
