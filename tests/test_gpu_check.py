@@ -117,3 +117,32 @@ def test_summary_written(dry_run):
     assert summary.startswith("# repconv GPU check")
     for name in PARTS:
         assert f"## {name}: {report['parts'][name]['status']}" in summary
+
+
+def _module():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import gpu_check
+
+    return gpu_check
+
+
+def test_time_caps_nest():
+    import signal
+    import time
+
+    g = _module()
+    before = signal.getitimer(signal.ITIMER_REAL)[0]  # pytest-timeout's own alarm, if it set one
+    with pytest.raises(g.PartTimeout), g.time_cap(0.3):
+        with g.time_cap(5.0):  # the inner cap cannot outlive the outer one
+            assert signal.getitimer(signal.ITIMER_REAL)[0] <= 0.3
+        assert 0 < signal.getitimer(signal.ITIMER_REAL)[0] <= 0.3  # the outer cap runs on after the inner one
+        time.sleep(2)
+    after = signal.getitimer(signal.ITIMER_REAL)[0]  # and whatever ran before runs on
+    assert (after == 0) if before == 0 else (0 < after <= before)
+
+
+def test_part_status():
+    g = _module()
+    assert g.part_status({"a": g.check("ok"), "b": g.skipped("why")}) == ("ok", None)
+    assert g.part_status({"a": g.check("failed", "boom"), "b": g.check("ok")}) == ("failed", "a: boom")
+    assert g.part_status({"a": g.skipped("x"), "b": g.skipped("y")}) == ("skipped", "x; y")
