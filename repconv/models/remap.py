@@ -202,7 +202,8 @@ def remap_state_dict(state_dict: Mapping[str, torch.Tensor], model: nn.Module | 
     ``model`` is a built module (the meta device is fine: only its keys and shapes are read) or its
     state_dict. With neither ``mode`` nor ``rules`` the state_dict comes back as it is (report mode
     ``"none"``). ``strict`` (the default) raises :class:`ArchError` on the first thing that does not fit;
-    without it the partial result and a report listing every problem come back (for a dry run).
+    without it the partial result (tensors of the wrong shape included) and a report listing every problem
+    come back, for a dry run or to read the class count from.
     """
     if mode is not None and rules is not None:
         raise OptionError("a remap is either by position or by a rules file, not both",
@@ -297,8 +298,9 @@ def _by_rules(foreign: dict[str, torch.Tensor], target: dict[str, torch.Tensor],
                 report.unmatched.append(f"{key} -> {new}" if new != key else key)
         elif new in origin:
             report.problems.append(f"'{origin[new]}' and '{key}' both map to '{new}'")
-        elif _shape(value) != _shape(target[new]):
+        elif _shape(value) != _shape(target[new]):  # kept in the (lenient) result: it shows the class count
             report.problems.append(f"'{key}' {_shape(value)} -> '{new}' {_shape(target[new])}")
+            out[new], origin[new] = value, key
         else:
             out[new], origin[new] = value, key
             report.mapped.append((key, new))
@@ -315,3 +317,29 @@ def _by_rules(foreign: dict[str, torch.Tensor], target: dict[str, torch.Tensor],
         raise ArchError(f"rules '{rules.source}' do not map the foreign weights onto {arch}: " + "; ".join(parts),
                         "check --arch and --num-classes, or fix the rules file")
     return out, report
+
+
+def remap_for_arch(state_dict: Mapping[str, torch.Tensor], spec, *, num_classes: int | None = None,
+                   mode: RemapMode | None = None, rules: str | Path | RemapRules | None = None
+                   ) -> tuple[dict[str, torch.Tensor], RemapReport, dict]:
+    """Remap onto the architecture ``spec`` (an :class:`repconv.models.ArchSpec`), finding the class count too.
+
+    Returns the remapped state_dict, the report and the builder's keyword arguments (``{"num_classes": N}``
+    when it differs from the default, as ``checkpoint._from_state_dict`` builds): without ``num_classes``,
+    a first, lenient pass onto the default model reads the class count from the classifier tensors the
+    foreign ones land on, and the strict pass uses a model built with it. Models are built on the meta
+    device (no memory, no initialisation) when the builder allows.
+    """
+    from repconv.models import build_on_meta, infer_num_classes
+
+    if isinstance(rules, str | Path):
+        rules = load_rules(rules)
+    nc = num_classes
+    if nc is None and (mode is not None or rules is not None):
+        loose, _ = remap_state_dict(state_dict, build_on_meta(spec) or spec.build(), mode=mode, rules=rules,
+                                    strict=False, arch=spec.name)
+        nc = infer_num_classes(spec, loose)
+    kwargs = {"num_classes": nc} if nc is not None and (nc != spec.num_classes or spec.source == "repconv") else {}
+    target = build_on_meta(spec, **kwargs) or spec.build(**kwargs)
+    out, report = remap_state_dict(state_dict, target, mode=mode, rules=rules, arch=spec.name)
+    return out, report, kwargs

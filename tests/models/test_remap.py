@@ -16,11 +16,11 @@ from repconv.models.remap import load_rules, remap_state_dict, shipped_rules
 
 
 class Own(nn.Module):
-    def __init__(self, classes: int = 3):
+    def __init__(self, num_classes: int = 3):
         super().__init__()
         self.stem = nn.Conv2d(3, 4, 3, bias=False)
         self.bn = nn.BatchNorm2d(4)
-        self.head = nn.Linear(4, classes)
+        self.head = nn.Linear(4, num_classes)
 
     def forward(self, x):
         return self.head(self.bn(self.stem(x)).mean((2, 3)))
@@ -267,3 +267,30 @@ def test_lite0_loads_in_one_call_once_wired(lite0):
         torch.testing.assert_close(loaded.model(x), direct(x), rtol=0, atol=0)
     loaded = checkpoint.load(path, arch="timm:efficientnet_lite0", remap="position")
     assert loaded.meta.arch == "timm:efficientnet_lite0"
+
+
+def test_remap_for_arch_finds_the_class_count():
+    from repconv.models import ArchSpec
+    from repconv.models.remap import remap_for_arch
+
+    spec = ArchSpec("python:tests.Own", "python", Own, num_classes=3)
+    foreign = _foreign(classes=5)
+    sd, report, kwargs = remap_for_arch(foreign.state_dict(), spec, mode="position")
+    assert kwargs == {"num_classes": 5} and report.ok
+    model = Own(**kwargs).eval()
+    model.load_state_dict(sd)
+    rules = {"rules": RULES["rules"]}
+    sd, report, kwargs = remap_for_arch(foreign.state_dict(), spec, rules=load_rules_from(rules))
+    assert kwargs == {"num_classes": 5} and report.mode == "rules"
+    _, _, kwargs = remap_for_arch(_foreign().state_dict(), spec, mode="position")
+    assert kwargs == {}
+    with pytest.raises(ArchError, match=r"#5 foreign '_fc.weight' \(5, 4\) vs model 'head.weight' \(3, 4\)"):
+        remap_for_arch(foreign.state_dict(), spec, mode="position", num_classes=3)
+
+
+def load_rules_from(data: dict):
+    import re
+
+    from repconv.models.remap import RemapRules
+
+    return RemapRules([(re.compile(p), r) for p, r in data["rules"]], source="inline")
