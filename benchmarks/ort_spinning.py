@@ -123,7 +123,7 @@ def _export(tmp: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from paper_common import err, finish, machine
+    from paper_common import err, finish, machine, save_partial
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=3)
@@ -163,7 +163,10 @@ def main(argv: list[str] | None = None) -> None:
                         out = json.loads(done.stdout.strip().splitlines()[-1])
                         out["loadavg_1m"] = os.getloadavg()[0]
                         raw.setdefault(name, []).append(out)
-                        err.print(f"round {r} {name}: {out['stage_s']:.3f} s, cpu/wall {out['cpu_per_wall']:.2f}")
+                        err.print(f"round {r} {name}: {out['stage_s']:.3f} s, cpu/wall {out['cpu_per_wall']:.2f}, "
+                                  f"idle cpu/wall after an ORT run {out['idle_cpu_per_wall']}")
+                        result["raw"] = raw
+                        save_partial(result, args.out)
                 finally:
                     if competitor is not None:
                         competitor.kill()
