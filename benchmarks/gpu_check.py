@@ -110,7 +110,7 @@ def machine() -> dict:
 
         info["torchvision"] = torchvision.__version__
     with contextlib.suppress(Exception):
-        from repconv.runtime.bench import cpu_model
+        from repconv.runtime.measure import cpu_model
 
         info["cpu"] = cpu_model()
     if torch.cuda.is_available():
@@ -251,7 +251,7 @@ def dataset(split: str, size: int, n_fallback: int):
     """Digits (scikit-learn's, bundled with it) at ``size`` px; without scikit-learn, seeded noise images with
     seeded labels (a stated stand-in: the comparisons need identical inputs, not meaningful ones)."""
     if has("sklearn"):
-        from repconv.train.data import digits
+        from repconv.data import digits
 
         return digits(split, size=size), "digits (scikit-learn)"
     g = torch.Generator().manual_seed(0 if split == "train" else 1)

@@ -29,9 +29,10 @@ from rich.table import Table
 from torch import nn
 
 from repconv import api
-from repconv.checkpoint import CheckpointMeta, write_text_atomic
+from repconv.checkpoint import CheckpointMeta
 from repconv.convert.fold import fuse_conv_bn
 from repconv.export.onnx import export_onnx
+from repconv.io import write_text_atomic
 from repconv.models import resolve_arch
 from repconv.onnx_graph import ort_session
 from repconv.runtime.measure import cpu_model

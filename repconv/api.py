@@ -28,6 +28,7 @@ from repconv.runtime.base import Session
 from repconv.runtime.bench import BenchOptions, BenchReport, bench
 from repconv.runtime.predict import PredictResult, predict
 from repconv.runtime.session import open_session
+from repconv.runtime.validate import validate
 from repconv.train.loop import TrainConfig
 from repconv.train.recover import (
     CalibrateOptions,
@@ -43,8 +44,8 @@ __all__ = [
     "BenchOptions", "BenchReport", "CalibrateOptions", "CalibrationResult", "CheckpointMeta", "Conversion",
     "ConversionSummary", "ConvertOptions", "DemoResult", "EngineBuild", "EngineOptions", "EnginePlan",
     "ExportOptions", "ExportResult", "FinetuneResult", "FoldResult", "Loaded", "PredictResult", "ReportResult",
-    "Session", "TrainConfig", "TrainResult", "bench", "build_engine", "calibrate", "check_round_trip", "convert",
-    "demo", "engine_plan", "export", "finetune", "fold", "inspect", "list_models", "load", "load_checkpoint",
-    "measured_units", "open_session", "parameter_free_report", "predict", "register_model", "report",
-    "resolve_arch", "save", "summarize", "train",
+    "Session", "TrainConfig", "TrainResult", "ValidateResult", "bench", "build_engine", "calibrate",
+    "check_round_trip", "convert", "demo", "engine_plan", "export", "finetune", "fold", "inspect", "list_models",
+    "load", "load_checkpoint", "measured_units", "open_session", "parameter_free_report", "predict",
+    "register_model", "report", "resolve_arch", "save", "summarize", "train", "validate",
 ]

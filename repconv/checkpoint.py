@@ -26,6 +26,7 @@ from repconv.convert.plan import Plan
 from repconv.errors import ArchError, InputFileError, OptionError, RepconvError
 from repconv.io import atomic_path, sniff
 from repconv.models import ArchSpec, build_on_meta, infer_num_classes, resolve_arch
+from repconv.models.remap import RemapMode, remap_for_arch
 
 FORMAT_VERSION = 1
 META_KEY = "repconv"
@@ -231,11 +232,14 @@ def build_empty(spec: ArchSpec, **kwargs) -> nn.Module:
     return spec.build(**kwargs)
 
 
-def build_from_meta(meta: CheckpointMeta) -> nn.Module:
-    """A fresh module with the structure the metadata describes (weights still random)."""
+def build_from_meta(meta: CheckpointMeta, import_builders: bool = True) -> nn.Module:
+    """A fresh module with the structure the metadata describes (weights still random).
+
+    ``import_builders=False`` refuses an ``arch`` naming a user's ``module:callable`` (importing it would run
+    code named by a file's header)."""
     from repconv.convert.apply import apply_plan  # the one place plans are applied
 
-    model = build_empty(resolve_arch(meta.arch), **meta.arch_kwargs)
+    model = build_empty(resolve_arch(meta.arch, import_builders=import_builders), **meta.arch_kwargs)
     if meta.plan is not None and meta.plan.steps:
         model = apply_plan(trace(model, meta.plan.leaves), meta.plan, model_for_init=None)
     if meta.extra.get("fused_bn"):  # a folded file saved with conv + BN fused: same fusion, same structure
@@ -246,17 +250,28 @@ def build_from_meta(meta: CheckpointMeta) -> nn.Module:
 
 
 def read_checkpoint(path: str | os.PathLike, *, arch: str | None = None, num_classes: int | None = None,
-                    trust_pickle: bool = False) -> Loaded:
+                    trust_pickle: bool = False, remap: RemapMode | None = None,
+                    remap_rules: str | os.PathLike | None = None) -> Loaded:
     """Read any supported checkpoint file into a module, with its metadata. The format is recognised by the
-    file's content (:func:`repconv.io.sniff`), whatever its name: a repconv file saved as ``model.pt`` loads."""
+    file's content (:func:`repconv.io.sniff`), whatever its name: a repconv file saved as ``model.pt`` loads.
+
+    A foreign layout (other key names) is mapped onto ``arch`` by ``remap="position"`` (in order, shapes
+    checked) or by ``remap_rules`` (a rules file, or the name of one repconv ships): see
+    :mod:`repconv.models.remap`; the mapping is recorded in the metadata (``extra["remap"]``).
+    """
     path = Path(path)
     _check_file(path)
     kind = sniff(path)
+    foreign = {"mode": remap, "rules": remap_rules}
     if kind == "safetensors":
         sd, header = read_safetensors(path)
         if META_KEY in header:
-            return _from_container(sd, CheckpointMeta.from_json(header[META_KEY]), path, arch)
-        return _from_state_dict(sd, path, arch, num_classes)
+            if remap or remap_rules:
+                raise OptionError("remap", remap or str(remap_rules), f"does not apply to '{path}', a repconv file",
+                                  "leave it out: its keys are repconv's own")
+            meta = CheckpointMeta.from_json(header[META_KEY])
+            return _from_container(sd, meta, path, arch, trusted=trust_pickle or (arch or "").strip() == meta.arch)
+        return _from_state_dict(sd, path, arch, num_classes, **foreign)
     if kind in _NOT_CHECKPOINTS:
         raise InputFileError(f"'{path}' is {_NOT_CHECKPOINTS[kind]}, not a checkpoint",
                              "give the PyTorch checkpoint (a state_dict, .safetensors or repconv file)")
@@ -267,10 +282,10 @@ def read_checkpoint(path: str | os.PathLike, *, arch: str | None = None, num_cla
     obj = read_torch_file(path, trust_pickle)
     if isinstance(obj, nn.Module):
         if arch:
-            return _from_state_dict(obj.state_dict(), path, arch, num_classes)
+            return _from_state_dict(obj.state_dict(), path, arch, num_classes, **foreign)
         meta = CheckpointMeta(arch=None, extra={"python_class": type(obj).__qualname__})
         return Loaded(obj.eval(), meta, path)
-    return _from_state_dict(_unwrap_state_dict(obj, path), path, arch, num_classes)
+    return _from_state_dict(_unwrap_state_dict(obj, path), path, arch, num_classes, **foreign)
 
 
 _NOT_CHECKPOINTS = {"torchscript": "a TorchScript archive (save the eager model's weights with "
@@ -278,21 +293,32 @@ _NOT_CHECKPOINTS = {"torchscript": "a TorchScript archive (save the eager model'
                     "onnx": "an ONNX file", "engine": "a TensorRT engine"}
 
 
-def _from_container(sd: dict[str, torch.Tensor], meta: CheckpointMeta, path: Path, arch: str | None) -> Loaded:
+def _from_container(sd: dict[str, torch.Tensor], meta: CheckpointMeta, path: Path, arch: str | None,
+                    trusted: bool) -> Loaded:
+    """A repconv file. Its header may name a user's builder (``module:callable``): that module is imported only
+    when the user named the same architecture or trusts the file, as for a pickle."""
     if arch and meta.arch and resolve_arch(arch).name != meta.arch:
         raise OptionError("arch", arch, f"does not match '{path}', which was made for {meta.arch}",
                           "leave it out for repconv files")
-    model = build_from_meta(meta)
+    model = build_from_meta(meta, import_builders=trusted)
     fit_state_dict(model, sd, meta.arch, path)
     model.eval()
     return Loaded(model, meta, path)
 
 
-def _from_state_dict(sd: dict[str, torch.Tensor], path: Path, arch: str | None, num_classes: int | None) -> Loaded:
+def _from_state_dict(sd: dict[str, torch.Tensor], path: Path, arch: str | None, num_classes: int | None,
+                     mode: RemapMode | None = None, rules: str | os.PathLike | None = None) -> Loaded:
     if not arch:
         raise OptionError("arch", None, f"is needed: '{path}' holds only weights, so repconv cannot tell the "
                           "architecture", "give its name, e.g. resnet50")
     spec = resolve_arch(arch)
+    if mode or rules:
+        sd, report, kwargs = remap_for_arch(sd, spec, num_classes=num_classes, mode=mode, rules=rules)
+        model = build_empty(spec, **kwargs)
+        fit_state_dict(model, sd, spec.name, path)
+        meta = CheckpointMeta.for_arch(spec, kwargs)
+        meta.extra["remap"] = {"mode": report.mode, "rules_file": report.rules_file, "renamed": report.renamed}
+        return Loaded(model.eval(), meta, path)
     nc = num_classes or infer_num_classes(spec, sd)
     kwargs = {"num_classes": nc} if nc is not None and nc != spec.num_classes else {}
     if nc is not None and spec.source == "repconv":
@@ -309,20 +335,24 @@ ModelLike = str | os.PathLike | nn.Module | Loaded
 
 
 def load_checkpoint(model: ModelLike, *, arch: str | None = None, num_classes: int | None = None,
-                    trust_pickle: bool = False) -> Loaded:
-    """A path, a module or a Loaded -> Loaded (module + metadata)."""
+                    trust_pickle: bool = False, remap: RemapMode | None = None,
+                    remap_rules: str | os.PathLike | None = None) -> Loaded:
+    """A path, a module or a Loaded -> Loaded (module + metadata); see :func:`read_checkpoint`."""
     if isinstance(model, Loaded):
         return model
     if isinstance(model, nn.Module):
         meta = CheckpointMeta.for_arch(resolve_arch(arch)) if arch else CheckpointMeta()
         return Loaded(model, meta)
-    return read_checkpoint(model, arch=arch, num_classes=num_classes, trust_pickle=trust_pickle)
+    return read_checkpoint(model, arch=arch, num_classes=num_classes, trust_pickle=trust_pickle, remap=remap,
+                           remap_rules=remap_rules)
 
 
 def load(path: str | os.PathLike, *, arch: str | None = None, num_classes: int | None = None,
-         trust_pickle: bool = False) -> nn.Module:
+         trust_pickle: bool = False, remap: RemapMode | None = None,
+         remap_rules: str | os.PathLike | None = None) -> nn.Module:
     """Read any checkpoint repconv accepts and return the module (converted ones come back converted)."""
-    return load_checkpoint(path, arch=arch, num_classes=num_classes, trust_pickle=trust_pickle).model
+    return load_checkpoint(path, arch=arch, num_classes=num_classes, trust_pickle=trust_pickle, remap=remap,
+                           remap_rules=remap_rules).model
 
 
 # ---------------------------------------------------------------- writing

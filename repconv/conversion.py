@@ -47,6 +47,7 @@ from repconv.convert.replacement import replaced_units, select_units
 from repconv.data import calibration_batches
 from repconv.errors import ArchError, NothingToReplace, OptionError, OutputError, PlanError, VerificationError
 from repconv.io import check_output_path, write_text_atomic
+from repconv.models.remap import RemapMode
 from repconv.onnx_graph import Parity
 from repconv.options import Init, Method, PfOp, PfPolicy, Select, check_choices, with_overrides
 
@@ -196,6 +197,7 @@ def summarize(original: nn.Module, converted: nn.Module, plan: Plan, *, arch: st
 
 
 def convert(model: ModelLike, *, arch: str | None = None, num_classes: int | None = None, trust_pickle: bool = False,
+            remap: RemapMode | None = None, remap_rules: str | os.PathLike | None = None,
             output: str | os.PathLike | None = None, plan_output: str | os.PathLike | None = None,
             input_size=None, mean=None, std=None, options: ConvertOptions | None = None,
             **overrides) -> Conversion:
@@ -203,7 +205,8 @@ def convert(model: ModelLike, *, arch: str | None = None, num_classes: int | Non
 
     ``output``: write the converted checkpoint; ``plan_output``: also write the plan as JSON.
     ``input_size`` / ``mean`` / ``std``: the model's preprocessing, recorded in the file (default: the
-    architecture's), when it was trained with other values.
+    architecture's), when it was trained with other values. ``remap`` / ``remap_rules`` map a foreign
+    checkpoint's keys onto ``arch`` (see :func:`repconv.checkpoint.read_checkpoint`).
 
     ``options`` (or keyword overrides of its fields: ``method``, ``every``, ``units``, ``pf_policy``, ...; see
     :class:`ConvertOptions`) say what to change. ``select="measured"`` replaces the ``budget`` units whose
@@ -213,7 +216,8 @@ def convert(model: ModelLike, *, arch: str | None = None, num_classes: int | Non
     for target in (output, plan_output):
         if target is not None:
             check_output_path(target)  # before the work, not after it
-    loaded = load_checkpoint(model, arch=arch, num_classes=num_classes, trust_pickle=trust_pickle)
+    loaded = load_checkpoint(model, arch=arch, num_classes=num_classes, trust_pickle=trust_pickle, remap=remap,
+                             remap_rules=remap_rules)
     if loaded.meta.kind == "converted":
         raise PlanError("the model is already converted", "convert the original checkpoint instead")
     if output is not None and loaded.meta.arch is None:  # before the work: saving would need it
@@ -252,6 +256,7 @@ def convert(model: ModelLike, *, arch: str | None = None, num_classes: int | Non
 
 
 def inspect(model: ModelLike, *, arch: str | None = None, num_classes: int | None = None, trust_pickle: bool = False,
+            remap: RemapMode | None = None, remap_rules: str | os.PathLike | None = None,
             options: ConvertOptions | None = None, **overrides) -> ConversionSummary:
     """What ``convert`` with the same options would do, without writing anything.
 
@@ -259,7 +264,8 @@ def inspect(model: ModelLike, *, arch: str | None = None, num_classes: int | Non
     model's parameter-free targets and what each parameter-free policy would save.
     """
     o = with_overrides(ConvertOptions, options, overrides)
-    loaded = load_checkpoint(model, arch=arch, num_classes=num_classes, trust_pickle=trust_pickle)
+    loaded = load_checkpoint(model, arch=arch, num_classes=num_classes, trust_pickle=trust_pickle, remap=remap,
+                             remap_rules=remap_rules)
     try:
         summary = convert(loaded, options=o).summary
     except NothingToReplace as exc:
@@ -351,13 +357,18 @@ def as_loaded(model: ModelLike | Conversion, **load_options) -> Loaded:
 
 def fold(model: ModelLike | Conversion, *, output: str | os.PathLike | None = None, fuse_bn: bool = False,
          tolerance: float = FOLD_TOLERANCE, arch: str | None = None, num_classes: int | None = None,
-         trust_pickle: bool = False) -> FoldResult:
+         trust_pickle: bool = False, remap: RemapMode | None = None,
+         remap_rules: str | os.PathLike | None = None) -> FoldResult:
     """Evaluate every replaced unit's ``a * P_prev + b * P_next`` once into ordinary weights.
 
     The folded model is checked against the converted one on a check batch (eval mode); a relative
-    difference above ``tolerance`` raises VerificationError and nothing is written.
+    difference above ``tolerance`` raises VerificationError and nothing is written. An unconverted model
+    comes out as a repconv file: with ``remap`` / ``remap_rules``, the way to bring a foreign checkpoint in.
     """
-    loaded = as_loaded(model, arch=arch, num_classes=num_classes, trust_pickle=trust_pickle)
+    if output is not None:
+        check_output_path(output)
+    loaded = as_loaded(model, arch=arch, num_classes=num_classes, trust_pickle=trust_pickle, remap=remap,
+                       remap_rules=remap_rules)
     converted = loaded.model.eval()
     meta = copy.deepcopy(loaded.meta)
     units = list(replaced_units(converted))

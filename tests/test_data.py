@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from repconv.data import DIGITS_CLASSES, has_split, make_dataset
-from repconv.errors import DataError
+from repconv.errors import DataError, OptionError
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 
@@ -59,5 +59,5 @@ def test_folder_without_usable_image_is_an_error(tmp_path):
     (tmp_path / "readme.md").write_text("hello")
     with pytest.raises(DataError, match="no usable image"):
         make_dataset(tmp_path, "train", 12, MEAN, STD, labeled=False)
-    with pytest.raises(DataError, match="neither 'digits' nor an existing folder"):
+    with pytest.raises(OptionError, match=r"data='.*missing' is neither 'digits' nor an existing folder"):
         make_dataset(tmp_path / "missing", "train", 12, MEAN, STD)

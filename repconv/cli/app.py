@@ -23,7 +23,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   "pretrained PyTorch vision models: convert, recover, fold, export, run.")
 
 for command in (convert.inspect, convert.convert, convert.models, recover.calibrate, recover.finetune,
-                recover.train, deploy.fold, deploy.export, run.predict, run.bench, report.report, report.demo):
+                recover.train, deploy.fold, deploy.export, run.predict, run.validate, run.bench, report.report,
+                report.demo):
     app.command()(command)
 
 

@@ -16,6 +16,8 @@ from repconv.cli.options import (
     ModelArg,
     NumClassesOpt,
     OutOpt,
+    RemapOpt,
+    RemapRulesOpt,
     SizeOpt,
     StdOpt,
     TrustOpt,
@@ -55,11 +57,13 @@ def inspect(model: ModelArg, arch: ArchOpt = None, num_classes: NumClassesOpt = 
             method: MethodOpt = "replacement", every: EveryOpt = 2, units: UnitsOpt = None,
             max_fraction: MaxFracOpt = None, init: InitOpt = "half", neighbor_grad: NeighborGradOpt = False,
             plan: PlanOpt = None, leaves: LeafOpt = None, pf_policy: PfPolicyOpt = "all", pf_op: PfOpOpt = "max",
-            pf_units: PfUnitsOpt = None, trust_pickle: TrustOpt = False, as_json: JsonOpt = False) -> None:
+            pf_units: PfUnitsOpt = None, trust_pickle: TrustOpt = False, remap: RemapOpt = None,
+            remap_rules: RemapRulesOpt = None, as_json: JsonOpt = False) -> None:
     """What can be replaced and what the options would save (writes nothing)."""
     from repconv import api
 
-    s = api.inspect(model, arch=arch, num_classes=num_classes, trust_pickle=trust_pickle, options=_options(locals()))
+    s = api.inspect(model, arch=arch, num_classes=num_classes, trust_pickle=trust_pickle, remap=remap,
+                    remap_rules=remap_rules, options=_options(locals()))
     if as_json:
         render.emit_json(s.to_dict())
     else:
@@ -74,11 +78,13 @@ def convert(model: ModelArg, output: OutOpt, arch: ArchOpt = None, num_classes: 
             plan_out: Annotated[Path | None, typer.Option("--plan-out", help="also write the plan as JSON")] = None,
             select: SelectOpt = "position", budget: BudgetOpt = None, data: CalibDataOpt = None,
             input_size: SizeOpt = None, mean: MeanOpt = None, std: StdOpt = None,
-            trust_pickle: TrustOpt = False, as_json: JsonOpt = False) -> None:
+            trust_pickle: TrustOpt = False, remap: RemapOpt = None, remap_rules: RemapRulesOpt = None,
+            as_json: JsonOpt = False) -> None:
     """Rewrite a checkpoint into the Replacement Learning and/or parameter-free form."""
     from repconv import api
 
-    result = api.convert(model, arch=arch, num_classes=num_classes, trust_pickle=trust_pickle, output=output,
+    result = api.convert(model, arch=arch, num_classes=num_classes, trust_pickle=trust_pickle, remap=remap,
+                         remap_rules=remap_rules, output=output,
                          plan_output=plan_out, input_size=input_size, mean=mean, std=std,
                          options=_options(locals()))
     if as_json:

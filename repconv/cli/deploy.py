@@ -9,7 +9,18 @@ from typing import Annotated
 import typer
 
 from repconv.cli import render
-from repconv.cli.options import ArchOpt, JsonOpt, MeanOpt, ModelArg, NumClassesOpt, SizeOpt, StdOpt, TrustOpt
+from repconv.cli.options import (
+    ArchOpt,
+    JsonOpt,
+    MeanOpt,
+    ModelArg,
+    NumClassesOpt,
+    RemapOpt,
+    RemapRulesOpt,
+    SizeOpt,
+    StdOpt,
+    TrustOpt,
+)
 from repconv.options import Dtype, Exporter, ExportFormat, OrtLevel
 
 
@@ -20,13 +31,13 @@ def fold(model: ModelArg,
          tolerance: Annotated[float, typer.Option("--tolerance", help="max relative difference converted vs "
                                                   "folded")] = 1e-5,
          arch: ArchOpt = None, num_classes: NumClassesOpt = None, trust_pickle: TrustOpt = False,
-         as_json: JsonOpt = False) -> None:
-    """Evaluate the replaced units' a*P_prev + b*P_next once into ordinary weights."""
+         remap: RemapOpt = None, remap_rules: RemapRulesOpt = None, as_json: JsonOpt = False) -> None:
+    """Fold the replaced units' a*P_prev + b*P_next into ordinary weights (or bring a checkpoint in, remapped)."""
     from repconv import api
 
     with render.status("folding"):
         result = api.fold(model, output=output, fuse_bn=fuse_bn, tolerance=tolerance, arch=arch,
-                          num_classes=num_classes, trust_pickle=trust_pickle)
+                          num_classes=num_classes, trust_pickle=trust_pickle, remap=remap, remap_rules=remap_rules)
     if as_json:
         render.emit_json(result.to_dict())
     else:

@@ -19,6 +19,11 @@ TrustOpt = Annotated[bool, typer.Option("--trust-pickle", help="allow loading a 
                                         "(runs code from the file: only for files you trust)")]
 LeafOpt = Annotated[list[str] | None, typer.Option("--leaf", help="module path to keep opaque (not traced "
                                                    "into, not rewritten); repeatable")]
+RemapOpt = Annotated[str | None, typer.Option("--remap", help="map a foreign checkpoint's keys onto --arch: "
+                                              "position (in order, shapes checked)")]
+RemapRulesOpt = Annotated[str | None, typer.Option("--remap-rules", help="map a foreign checkpoint's keys with a "
+                                                   "rules file (JSON/TOML), or a shipped one by name "
+                                                   "(efficientnet_lite0)")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print one JSON object on stdout instead of tables")]
 OutOpt = Annotated[Path, typer.Option("-o", "--output", help="output file (*.repconv.safetensors)")]
 

@@ -251,6 +251,27 @@ def predictions(result, artifact: Path) -> None:
     out.print(t)
 
 
+def validation(result, per_class: bool = False) -> None:
+    t = table(f"{result.samples} images of {result.data} ({result.split}), {len(result.classes)} classes",
+              ["#", "artifact", "backend", "top-1", "top-5", "seconds"], right=("top-1", "top-5", "seconds"))
+    for i, s in enumerate(result.scores):
+        t.add_row(str(i), s.artifact, f"{s.backend} ({s.device})", pct(s.top1), pct(s.top5), f"{s.seconds:.2f}")
+    out.print(t)
+    if len(result.scores) > 1:
+        agree = table("Top-1 agreement", ["", *(f"#{i}" for i in range(len(result.scores)))],
+                      right=tuple(f"#{i}" for i in range(len(result.scores))))
+        for i, row in enumerate(result.agreement):
+            agree.add_row(f"#{i}", *(pct(v) for v in row))
+        out.print(agree)
+    if per_class:
+        classes = table("Accuracy per class", ["class", "images", *(f"#{i}" for i in range(len(result.scores)))],
+                        right=("images", *(f"#{i}" for i in range(len(result.scores)))))
+        for name in result.classes:
+            classes.add_row(name, str(result.class_counts.get(name, "")),
+                            *(pct(s.per_class.get(name)) for s in result.scores))
+        out.print(classes)
+
+
 def bench(report) -> None:
     base = report.targets[0]
     numeric = ("params", "MACs / image", "file", "peak memory", "load", "max |Δ| vs baseline", "top-1 agree")

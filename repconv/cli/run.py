@@ -1,4 +1,4 @@
-"""`repconv predict` and `bench`: running artifacts."""
+"""`repconv predict`, `validate` and `bench`: running artifacts."""
 
 from __future__ import annotations
 
@@ -28,6 +28,32 @@ def predict(artifact: Annotated[Path, typer.Argument(help="checkpoint, .onnx or 
         render.emit_json(result.to_dict())
     else:
         render.predictions(result, artifact)
+
+
+def validate(artifacts: Annotated[list[Path], typer.Argument(help="checkpoints, .onnx files and .engine files")],
+             data: Annotated[str, typer.Option("--data", help="'digits' (bundled) or a labeled folder ROOT/CLASS/*.jpg "
+                                               "(ROOT/val when present)")] = "digits",
+             batch_size: Annotated[int, typer.Option("--batch-size")] = 64,
+             limit: Annotated[int | None, typer.Option("--limit", help="use this many samples, spread over the "
+                                                       "data")] = None,
+             per_class: Annotated[bool, typer.Option("--per-class", help="also show the accuracy per class")] = False,
+             backend: BackendOpt = None, device: DeviceOpt = None,
+             threads: Annotated[int | None, typer.Option("--threads", help="CPU threads")] = None,
+             arch: ArchOpt = None, num_classes: NumClassesOpt = None, trust_pickle: TrustOpt = False,
+             as_json: JsonOpt = False) -> None:
+    """Top-1 / top-5 and per-class accuracy of artifacts on labeled data, and their agreement, side by side."""
+    from repconv import api
+
+    with render.status("validating") as status:
+        result = api.validate(artifacts, data=data, batch_size=batch_size, backend=backend, device=device, arch=arch,
+                              num_classes=num_classes, trust_pickle=trust_pickle, threads=threads, limit=limit,
+                              progress=status.update)
+    for warning in result.warnings:
+        render.warn(warning)
+    if as_json:
+        render.emit_json(result.to_dict())
+    else:
+        render.validation(result, per_class)
 
 
 def bench(artifacts: Annotated[list[Path], typer.Argument(help="checkpoints, .onnx files and .engine files; "

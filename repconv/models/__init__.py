@@ -1,14 +1,25 @@
 """Architecture registry: repconv's own models, torchvision's classifiers and timm's models.
 
-A name resolves in that order; ``torchvision:NAME`` or ``timm:NAME`` picks one source explicitly.
+A name resolves in that order; ``repconv:NAME``, ``torchvision:NAME`` or ``timm:NAME`` picks one source
+explicitly. ``package.module:callable`` (any ``X:Y`` whose ``X`` is not one of those sources) imports a
+user's own builder: the module must be importable from ``sys.path`` or the current directory, and it is
+imported only when a name in that form is asked for. Files saved from such a model record that name as
+their ``arch``, so loading them imports the same module again: it must still be importable then (and
+loading a file that names one is an explicit choice: see ``resolve_arch(..., import_builders=)``).
+
 Nothing here downloads weights: torchvision's weight enums are read only for their metadata
-(input size, mean, std, class names).
+(input size, mean, std, class names), timm's ImageNet class names come with timm.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib
 import importlib.util
 import inspect
+import os
+import re
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -23,8 +34,8 @@ from repconv.errors import ArchError, DependencyError
 class ArchSpec:
     """How to build one architecture and what input it expects."""
 
-    name: str  # canonical, with its source: "torchvision:resnet50", "repconv:cifar_resnet32"
-    source: str  # "repconv" | "torchvision" | "timm"
+    name: str  # canonical, with its source: "torchvision:resnet50", "repconv:cifar_resnet32", "pkg.mod:build"
+    source: str  # "repconv" | "torchvision" | "timm" | "python"
     builder: Callable[..., nn.Module]
     input_size: tuple[int, int, int] = (3, 224, 224)
     mean: tuple[float, ...] = IMAGENET_MEAN
@@ -49,9 +60,11 @@ _OWN: dict[str, ArchSpec] = {}
 
 def register_model(name: str, *, input_size=(3, 224, 224), mean=IMAGENET_MEAN, std=IMAGENET_STD,
                    num_classes: int = 1000, class_names=None):
-    """Decorator registering one of repconv's own model builders."""
+    """Decorator registering one of repconv's own model builders; a name already taken is refused."""
 
     def wrap(builder: Callable[..., nn.Module]):
+        if name in _OWN:
+            raise ValueError(f"An entry is already registered under the name '{name}'.")
         _OWN[name] = ArchSpec(f"repconv:{name}", "repconv", builder, tuple(input_size), tuple(mean),
                               tuple(std), num_classes, tuple(class_names) if class_names else None)
         return builder
@@ -100,16 +113,106 @@ def _timm_spec(name: str) -> ArchSpec | None:
     def build(**kwargs):
         return timm.create_model(name, pretrained=False, **kwargs)
 
-    return ArchSpec(f"timm:{name}", "timm", build, input_size, mean, std, 1000)
+    return ArchSpec(f"timm:{name}", "timm", build, input_size, mean, std, 1000, _timm_class_names(cfg))
 
 
-def resolve_arch(name: str) -> ArchSpec:
-    """Find an architecture by name: repconv's own, then torchvision, then timm."""
+def _timm_class_names(cfg) -> tuple[str, ...] | None:
+    """ImageNet-1k class names (first WordNet lemma: "tench", "goldfish", ...) when the pretrained config is
+    a 1000-class ImageNet classifier; the config's own names when it carries some; else None."""
+    own = getattr(cfg, "label_names", None)
+    num_classes = getattr(cfg, "num_classes", None)
+    if own and len(own) == num_classes:
+        return tuple(str(n) for n in own)
+    if num_classes != 1000 or getattr(cfg, "label_offset", 0):
+        return None
+    from timm.data import infer_imagenet_subset
+
+    if infer_imagenet_subset(cfg) != "imagenet-1k":
+        return None
+    return _imagenet1k_names()
+
+
+@functools.lru_cache(maxsize=1)
+def _imagenet1k_names() -> tuple[str, ...] | None:
+    try:
+        from timm.data import ImageNetInfo
+
+        descriptions = ImageNetInfo("imagenet-1k").label_descriptions(detailed=False)
+    except (ImportError, OSError, AssertionError):  # an older timm without its _info files
+        return None
+    return tuple(d.split(", ")[0] for d in descriptions) if len(descriptions) == 1000 else None
+
+
+KNOWN_SOURCES = ("repconv", "torchvision", "timm")
+_DOTTED = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
+
+
+def is_python_arch(name: str) -> bool:
+    """Whether ``name`` asks for a user's builder (``package.module:callable``) rather than a known source."""
+    source, sep, rest = name.strip().partition(":")
+    return bool(sep) and source not in KNOWN_SOURCES and ":" not in rest
+
+
+def _python_spec(name: str) -> ArchSpec:
+    """Import ``module.path:callable`` (cwd on sys.path for that import only) and wrap the callable.
+
+    The callable may carry a ``repconv_spec`` dict (``input_size``, ``mean``, ``std``, ``num_classes``,
+    ``class_names``) to describe its input; without one, ImageNet's 224x224 contract is assumed.
+    """
+    module_name, _, attr = name.partition(":")
+    if not _DOTTED.fullmatch(module_name) or not _DOTTED.fullmatch(attr):
+        raise ArchError(f"'{name}' is neither a known architecture nor module.path:callable",
+                        "use repconv:NAME, torchvision:NAME, timm:NAME, or a Python builder as package.module:function")
+    added = None
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        added = os.getcwd()
+        sys.path.insert(0, added)
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        missing = exc.name or module_name
+        raise ArchError(f"cannot import '{module_name}' for {{option}} {name}: no module named '{missing}'",
+                        f"'{module_name}' must be importable from the current directory or PYTHONPATH; "
+                        f"known sources are {', '.join(KNOWN_SOURCES)}", option="arch") from exc
+    except Exception as exc:  # the user's module failed while importing: say how, in one line
+        first = (str(exc).splitlines() or [""])[0][:160]
+        raise ArchError(f"importing '{module_name}' for {{option}} {name} failed: {type(exc).__name__}: {first}",
+                        f"fix the module, or check it with python -c 'import {module_name}'", option="arch") from exc
+    finally:
+        if added is not None and added in sys.path:
+            sys.path.remove(added)
+    obj = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            public = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_"))
+            raise ArchError(f"module '{module_name}' has no attribute '{attr}'",
+                            f"its callables are: {', '.join(public[:8]) or 'none'}")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise ArchError(f"'{name}' is a {type(obj).__name__}, not a callable that builds a model",
+                        "point {option} at a function or nn.Module class", option="arch")
+    extra = getattr(obj, "repconv_spec", None) or {}
+    names = extra.get("class_names")
+    return ArchSpec(name, "python", obj, tuple(extra.get("input_size", (3, 224, 224))),
+                    tuple(extra.get("mean", IMAGENET_MEAN)), tuple(extra.get("std", IMAGENET_STD)),
+                    int(extra.get("num_classes", 1000)), tuple(names) if names else None)
+
+
+def resolve_arch(name: str, *, import_builders: bool = True) -> ArchSpec:
+    """Find an architecture by name: repconv's own, then torchvision, then timm; or import a user's builder.
+
+    ``import_builders=False`` refuses ``module.path:callable`` names instead of importing them (for names
+    read from a file rather than typed by the user: importing runs the module's code)."""
     name = name.strip()
+    if is_python_arch(name):
+        if not import_builders:
+            raise ArchError(f"the file names a Python builder '{name}', and importing it runs that module's code",
+                            f"give {{option}} {name} to allow it (the module must be importable)", option="arch")
+        return _python_spec(name)
     source, _, bare = name.rpartition(":")
     if source not in ("", "repconv", "torchvision", "timm"):
         raise ArchError(f"unknown architecture source '{source}' in '{name}'",
-                        "use repconv:NAME, torchvision:NAME or timm:NAME")
+                        "use repconv:NAME, torchvision:NAME, timm:NAME or package.module:callable")
     if source in ("", "repconv"):
         _load_own_models()
         if bare in _OWN:
