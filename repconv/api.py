@@ -28,7 +28,7 @@ from repconv.runtime.base import Session
 from repconv.runtime.bench import BenchOptions, BenchReport, bench
 from repconv.runtime.predict import PredictResult, predict
 from repconv.runtime.session import open_session
-from repconv.runtime.validate import validate
+from repconv.runtime.validate import ValidateResult, validate
 from repconv.train.loop import TrainConfig
 from repconv.train.recover import (
     CalibrateOptions,
