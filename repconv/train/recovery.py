@@ -206,8 +206,10 @@ class Judge:
 
     def epoch_done(self, epoch: int, metrics: dict) -> bool:
         """Record an epoch's metrics; True when it is the best so far (its weights are then kept)."""
+        # An epoch replaces the input only when strictly better; among epochs a tie goes to the later one.
         improved = _broadcast(self.active and self.rank == 0 and (
-            self.best_score is None or metrics[self.metric] > self.best_score))
+            self.best_score is None or metrics[self.metric] > self.best_score
+            or (self.best_epoch != 0 and metrics[self.metric] == self.best_score)))
         if improved:
             self.best_epoch = epoch
             self.best_score = _broadcast(metrics[self.metric] if self.rank == 0 else None)

@@ -14,9 +14,14 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
+import repconv
+from repconv.checkpoint import CheckpointMeta, Loaded
+from repconv.models import resolve_arch
+from repconv.train.calibrate import calibrate_units
 from repconv.train.data import digits
 from repconv.train.loop import TrainConfig, fit
 from repconv.train.recovery import DEFAULTS, agreement, batch_agreement, holdout_split, predictions
+from tests.conftest import randomize_bn
 
 
 class SmallNet(nn.Module):
@@ -169,3 +174,26 @@ def test_agreement_and_holdout():
     pred, labels = predictions(m, ds)
     assert agreement(pred, pred) == 1.0 and (labels == -1).all()
     assert batch_agreement(m, m, [ds.tensors[0][:10]]) == 1.0
+
+
+def test_calibrate_bn_stats_and_agreement():
+    """calibrate: freeze keeps the replaced units' statistics, recalibrate re-estimates them; agreement with the
+    teacher is reported on the calibration batches and on held-out batches."""
+    spec = resolve_arch("cifar_resnet20")
+    torch.manual_seed(0)
+    teacher = randomize_bn(spec.build(num_classes=10)).eval()
+    conv = repconv.convert(Loaded(teacher, CheckpointMeta.for_arch(spec, {"num_classes": 10})), every=2)
+    g = torch.Generator().manual_seed(0)
+    calib = [torch.randn(16, 3, 8, 8, generator=g) for _ in range(2)]
+    heldout = [torch.randn(16, 3, 8, 8, generator=g)]
+    for mode in ("freeze", "recalibrate"):
+        model = copy.deepcopy(conv.model)
+        before = _bn_buffers(model.get_submodule("layer1.1"))
+        cal = calibrate_units(model, teacher, calib, max_iter=5, bn_stats=mode, heldout=heldout)
+        after = _bn_buffers(model.get_submodule("layer1.1"))
+        unchanged = all(torch.equal(before[k], after[k]) for k in before)
+        assert unchanged is (mode == "freeze" or cal.kept_input), mode
+        assert cal.bn_stats == mode and cal.heldout_images == 16
+        assert cal.agreement_after == batch_agreement(model, teacher, calib)
+        assert cal.heldout_agreement_after == batch_agreement(model, teacher, heldout)
+        assert 0 <= cal.heldout_agreement_before <= 1 and cal.kl_after <= cal.kl_before
