@@ -73,6 +73,8 @@ def main() -> None:
     ap.add_argument("--lr-all", type=float, default=1e-4)
     ap.add_argument("--seeds", type=int, default=1, help="repeat everything with seeds 0..N-1")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--from-partial", action="store_true",
+                    help="finish OUT from the seeds its .partial.json holds (a run stopped early)")
     ap.add_argument("--quick", action="store_true", help="8px, 400 teacher images, 1 epoch each: CI smoke run")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "bn_stats_recovery.json")
     args = ap.parse_args()
@@ -84,6 +86,17 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
+    if args.from_partial:
+        import json
+
+        from paper_common import partial_path
+
+        result = json.loads(partial_path(args.out).read_text())
+        result["config"]["stopped_after_seeds"] = len(result["runs"])
+        result["summary"] = summarize(result["runs"])
+        render(result)
+        finish(result, args.out, started)
+        return
     result = {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "out"},
               "machine": machine(args.threads), "runs": []}
     for seed in range(args.seeds):
