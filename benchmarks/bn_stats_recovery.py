@@ -95,7 +95,8 @@ def main() -> None:
         result["config"]["stopped_after_seeds"] = len(result["runs"])
         result["summary"] = summarize(result["runs"])
         render(result)
-        finish(result, args.out, started)
+        began = time.mktime(time.strptime(result["machine"]["utc"], "%Y-%m-%dT%H:%M:%SZ")) - time.timezone
+        finish(result, args.out, started - (time.time() - began))  # wall: from the run's start to now
         return
     result = {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "out"},
               "machine": machine(args.threads), "runs": []}
