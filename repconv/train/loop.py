@@ -444,16 +444,21 @@ def _end_of_epoch(model, opt, sched, scaler, rngs, cfg, epoch, result, metrics, 
         with metrics_file.open("a") as f:
             f.write(json.dumps(metrics) + "\n")
     if save_model:
+        # what the file's metadata should record (meta.extra["recovery"]): passed beside the epoch's metrics
+        recovery = {"bn_stats": cfg.bn_stats, "keep": cfg.keep, "select_metric": judge.metric, "written": written,
+                    "best_epoch": judge.best_epoch if written != "last" else epoch + 1,
+                    "input": judge.input_metrics, "val_source": result.val_source,
+                    "holdout_images": result.holdout_images, "recalibrated_images": result.recalibrated_images}
         best = judge.best_weights() if written != "last" else None
         if best is None:
-            save_model(model, metrics)
+            save_model(model, {**metrics, "recovery": recovery})
         else:  # write the best weights, then put this epoch's back to keep training
             current = judge.snapshot()
             judge.restore(best)
             try:
                 chosen = dict(judge.input_metrics or {}, epoch=0) if written == "input" else \
                     result.history[judge.best_epoch - 1]
-                save_model(model, {**chosen, "written": written})
+                save_model(model, {**chosen, "written": written, "recovery": recovery})
             finally:
                 judge.restore(current)
     if state_file:

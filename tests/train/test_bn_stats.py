@@ -140,6 +140,9 @@ def test_a_recovery_that_would_end_worse_writes_the_input_and_says_so(pretrained
     with torch.no_grad():
         assert torch.equal(model.eval()(x), ref)
     assert [m["written"] for m, _ in written] == ["input", "input"] and written[0][0]["epoch"] == 0
+    assert written[-1][0]["recovery"] == {"bn_stats": "freeze", "keep": "best", "select_metric": "val_acc",
+                                          "written": "input", "best_epoch": 0, "input": r.input_metrics,
+                                          "val_source": "val", "holdout_images": 0, "recalibrated_images": 0}
     assert all(torch.equal(s[k], pretrained.state_dict()[k]) for _, s in written for k in s)
     lines = [json.loads(ln) for ln in (tmp_path / "o.metrics.jsonl").read_text().splitlines()]
     assert [ln["written"] for ln in lines] == ["input", "input"]
