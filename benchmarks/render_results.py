@@ -108,9 +108,40 @@ def memory_format(r: dict) -> str:
     return "\n\n".join(parts)
 
 
+def bn_stats(r: dict) -> str:
+    """benchmarks/bn_stats_recovery.py: agreement with the teacher on held-out images, per arm (mean, min-max over
+    seeds), and what keep=best wrote."""
+    runs = r["runs"]
+    arms = [("teacher, finetune at lr 0, `--bn-stats freeze`", lambda x: x["teacher_lr0"]["freeze"]),
+            ("teacher, finetune at lr 0, `--bn-stats update`", lambda x: x["teacher_lr0"]["update"]),
+            ("teacher, finetune at lr 0, `--bn-stats recalibrate`", lambda x: x["teacher_lr0"]["recalibrate"]),
+            ("converted (every 2, a = b = 0.5)", lambda x: x["converted"]),
+            ("calibrated, `--bn-stats freeze`", lambda x: x["calibrated"]["freeze"]),
+            ("calibrated, `--bn-stats recalibrate`", lambda x: x["calibrated"]["recalibrate"])]
+    for name in runs[0]["finetuned"]:
+        trainable, mode, keep = name.split("/")
+        arms.append((f"finetuned `--train {trainable} --bn-stats {mode} --keep {keep}`",
+                     lambda x, n=name: x["finetuned"][n]))
+    rows = []
+    for label, get in arms:
+        vals = [get(x) for x in runs]
+        agree, acc = [v["agreement"] for v in vals], [v["val_acc"] for v in vals]
+        written = ", ".join(v["written"] for v in vals if "written" in v) or "-"
+        rows.append([label, f"{pct(sum(agree) / len(agree))} ({pct(min(agree))}-{pct(max(agree))})",
+                     pct(sum(acc) / len(acc)), written])
+    c = r["config"]
+    head = (f"{machine_line(r)}\n\nTeacher: {pct(sum(x['teacher_val_acc'] for x in runs) / len(runs))} validation "
+            f"accuracy (mean of {len(runs)} seeds); recovery set: {runs[0]['recovery_images']} unlabeled images"
+            + (f" of classes {c['recovery_classes']}" if c.get("recovery_classes") else "")
+            + f"; held-out: {runs[0]['heldout_images']} images. Defaults never below calibrate: "
+            f"{r['summary']['defaults_never_below_calibrate']}.")
+    return head + "\n\n" + table(["arm", "agreement with the teacher (held-out)", "val acc", "written (per seed)"],
+                                   rows)
+
+
 RENDER = {"paper_replacement_scratch": scratch, "paper_replacement_pretrained": pretrained,
           "paper_parameter_free": parameter_free, "paper_deployment": deployment,
-          "torch_memory_format": memory_format}
+          "torch_memory_format": memory_format, "bn_stats_recovery": bn_stats}
 
 
 def main() -> None:

@@ -12,9 +12,12 @@ from repconv.cli.options import (
     AmpOpt,
     BatchesOpt,
     BatchSizeOpt,
+    BnStatsOpt,
     DataOpt,
     EpochsOpt,
+    HoldoutOpt,
     JsonOpt,
+    KeepOpt,
     LrOpt,
     MeanOpt,
     ModelArg,
@@ -32,7 +35,7 @@ from repconv.cli.options import (
     WorkersOpt,
 )
 from repconv.formatting import human
-from repconv.options import CalibrateSelect, Objective, Optimizer, Trainable
+from repconv.options import BnStats, CalibrateSelect, Objective, Optimizer, Trainable
 
 ObjectiveOpt = Annotated[Objective, typer.Option("--objective", help="ce (labels) | distill (KL to the teacher; "
                                                  "unlabeled data works) | both")]
@@ -57,6 +60,12 @@ def calibrate(model: ModelArg, data: DataOpt, output: OutOpt, teacher: TeacherOp
               budget: Annotated[int | None, typer.Option("--budget", help="units to keep with --select "
                                                          "measured")] = None,
               max_iter: Annotated[int, typer.Option("--max-iter", help="L-BFGS iterations")] = 20,
+              bn_stats: Annotated[BnStats, typer.Option("--bn-stats", help="the replaced units' BatchNorm "
+                                                        "statistics: recalibrate (re-estimated on the calibration "
+                                                        "images) | freeze (the original unit's) | update")]
+              = "recalibrate",
+              heldout_batches: Annotated[int, typer.Option("--heldout-batches", help="batches held out from the "
+                                                           "fit to measure agreement with the teacher")] = 4,
               input_size: SizeOpt = None, mean: MeanOpt = None, std: StdOpt = None, seed: SeedOpt = 0,
               trust_pickle: TrustOpt = False, as_json: JsonOpt = False) -> None:
     """Fit each replaced unit's scalars (a, b) to the original unit's outputs on a few batches."""
@@ -84,6 +93,7 @@ def finetune(model: ModelArg, data: DataOpt, output: OutOpt, teacher: TeacherOpt
              temperature: Annotated[float, typer.Option("--temperature", help="distillation temperature")] = 2.0,
              alpha: Annotated[float, typer.Option("--alpha", help="label-loss weight in 'both'")] = 0.5,
              amp: AmpOpt = "auto", seed: SeedOpt = 0, workers: WorkersOpt = 0, batches_per_epoch: BatchesOpt = None,
+             bn_stats: BnStatsOpt = "freeze", keep: KeepOpt = "best", holdout: HoldoutOpt = 0.15,
              input_size: SizeOpt = None, mean: MeanOpt = None, std: StdOpt = None, resume: ResumeOpt = False,
              trust_pickle: TrustOpt = False, as_json: JsonOpt = False) -> None:
     """Recover a converted model with labels, distillation from the original, or both (torchrun-ready)."""
@@ -97,9 +107,12 @@ def finetune(model: ModelArg, data: DataOpt, output: OutOpt, teacher: TeacherOpt
         return
     for note in r.notes:
         render.warn(note)
+    if r.warning:
+        render.warn(r.warning)
     if as_json:
         render.emit_json(r.to_dict())
         return
+    render.written(r)
     render.history(r.history, f"finetune --objective {r.objective} --train {r.train}: "
                    f"{human(r.trainable_params)} of {human(r.total_params)} parameters trained -> {r.output}")
     if r.resumed_from_epoch is not None:
@@ -116,6 +129,7 @@ def train(arch: Annotated[str, typer.Argument(help="architecture name (e.g. cifa
           weight_decay: WeightDecayOpt = 5e-4, warmup_epochs: WarmupOpt = 1.0, accum_steps: AccumOpt = 1,
           label_smoothing: Annotated[float, typer.Option("--label-smoothing")] = 0.0,
           amp: AmpOpt = "auto", seed: SeedOpt = 0, workers: WorkersOpt = 0, batches_per_epoch: BatchesOpt = None,
+          bn_stats: BnStatsOpt = "update", keep: KeepOpt = "last",
           input_size: SizeOpt = None, mean: MeanOpt = None, std: StdOpt = None, resume: ResumeOpt = False,
           as_json: JsonOpt = False) -> None:
     """Train from scratch, with Replacement Learning (the papers' setting) or without."""

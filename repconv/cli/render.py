@@ -157,19 +157,34 @@ def calibration(r) -> None:
     for u in r.units:
         t.add_row(u["unit"], f"{u['a_before']:.4f} -> {u['a']:.4f}", f"{u['b_before']:.4f} -> {u['b']:.4f}")
     out.print(t)
-    out.print(f"KL(teacher || model) on the calibration batches: {r.kl_before:.4g} -> {r.kl_after:.4g}")
+    out.print(f"KL(teacher || model) on the calibration batches: {r.kl_before:.4g} -> {r.kl_after:.4g}"
+              + (" (no better: the model was left as it came)" if r.kept_input else ""))
+    held = (f", held-out ({r.heldout_images} images) {pct(r.heldout_agreement_before)} -> "
+            f"{pct(r.heldout_agreement_after)}") if r.heldout_images else ""
+    out.print(f"agreement with the teacher: calibration {pct(r.agreement_before)} -> {pct(r.agreement_after)}{held} "
+              f"(BatchNorm statistics: {r.bn_stats})")
     if r.val_acc is not None:
         out.print(f"val accuracy: {pct(r.val_acc_before)} before, {pct(r.val_acc)} after "
                   f"(teacher {pct(r.teacher_val_acc)})")
 
 
 def history(rows: list[dict], title: str) -> None:
-    t = table(title, ["epoch", "train loss", "train acc", "val acc", "lr", "img/s"],
-              right=("epoch", "train loss", "train acc", "val acc", "lr", "img/s"))
+    cols = ("epoch", "train loss", "train acc", "val acc", "agreement", "lr", "img/s")
+    t = table(title, list(cols), right=cols)
     for h in rows:
         t.add_row(str(h["epoch"]), f"{h['train_loss']:.4f}", pct(h.get("train_acc")), pct(h.get("val_acc")),
-                  f"{h['lr']:.2e}", f"{h['images_per_s']:.0f}")
+                  pct(h.get("agreement")), f"{h['lr']:.2e}", f"{h['images_per_s']:.0f}")
     out.print(t)
+
+
+def written(r) -> None:
+    """Which weights a recovery wrote, and why (stderr)."""
+    metric = f" by {r.select_metric}" if r.select_metric else ""
+    source = f" on {r.val_source} images" if r.val_source else ""
+    before = ""
+    if r.input_metrics and r.select_metric and r.input_metrics.get(r.select_metric) is not None:
+        before = f" (input {pct(r.input_metrics[r.select_metric])})"
+    note(f"written: {r.written}{metric}{source}{before}; BatchNorm statistics: {r.bn_stats}, keep: {r.keep}")
 
 
 # ---------------------------------------------------------------- deploy

@@ -30,10 +30,18 @@ from repconv.convert.measure import kl_to_teacher
 from repconv.convert.replacement import replaced_units
 from repconv.errors import InputFileError, OptionError
 from repconv.io import atomic_path
-from repconv.options import Amp, Objective, Optimizer, Trainable, check_choices
+from repconv.options import Amp, BnStats, Keep, Objective, Optimizer, Trainable, check_choices
 from repconv.progress import progress
+from repconv.train.recovery import (
+    HOLDOUT_FRACTION,
+    HOLDOUT_MAX,
+    Judge,
+    apply_bn_mode,
+    holdout_split,
+    recalibrate_stats,
+)
 
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: best-so-far ("judge") state
 _NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
 
 
@@ -58,6 +66,16 @@ class TrainConfig:
     workers: int = 0
     batches_per_epoch: int | None = None  # cap (short runs, tests)
     label_smoothing: float = 0.0
+    # BatchNorm running statistics while training (repconv.train.recovery): finetune of a pretrained model
+    # should pass "freeze"; "update" (PyTorch's train mode) is what training from scratch needs.
+    bn_stats: BnStats = "update"
+    # What is written: "best" = the best epoch by the validation metric, or the input when no epoch beats it
+    # (never worse); "best_epoch" = the best epoch (input not a candidate); "last" = the last epoch.
+    keep: Keep = "last"
+    # Without validation data but with a teacher: this fraction of the training data (at most holdout_max
+    # images, seeded by ``seed``) is held out to measure agreement with the teacher. 0 disables it.
+    holdout: float = HOLDOUT_FRACTION
+    holdout_max: int = HOLDOUT_MAX
 
     def __post_init__(self) -> None:
         self.check()
@@ -72,6 +90,8 @@ class TrainConfig:
                 raise OptionError(name, getattr(self, name), "must not be negative", "give 0 or more")
         if not 0 <= self.alpha <= 1:
             raise OptionError("alpha", self.alpha, "is outside [0, 1]", "give the label-loss weight, e.g. 0.5")
+        if not 0 <= self.holdout < 1:
+            raise OptionError("holdout", self.holdout, "is not a fraction in [0, 1)", "give e.g. 0.15, or 0 for none")
 
 
 @dataclass
@@ -86,6 +106,17 @@ class FitResult:
     amp: str = "off"
     device: str = "cpu"
     trainable_params: int = 0
+    bn_stats: str = "update"
+    keep: str = "last"
+    val_source: str | None = None  # "val" (the val_set given), "holdout" (split off the training data) or None
+    holdout_images: int = 0
+    select_metric: str | None = None  # "val_acc" (labels), "agreement" (with the teacher) or None
+    input_metrics: dict | None = None  # the model as it came in, on the validation data
+    agreement: float | None = None  # of the model written (top-1 agreement with the teacher)
+    best_epoch: int | None = None  # 0: the input
+    written: str = "last"  # "input" | "best epoch N" | "last"
+    warning: str | None = None  # set (and logged) when training ended worse than its input
+    recalibrated_images: int = 0
 
 
 # ---------------------------------------------------------------- distributed
@@ -257,7 +288,8 @@ def _load_state(path: Path, cfg: TrainConfig) -> dict:
         raise InputFileError(f"cannot read the resume state '{path}' ({type(exc).__name__})",
                              "delete it to start over") from exc
     saved = json.loads(state["config"])
-    differs = [k for k, v in asdict(cfg).items() if k != "workers" and saved.get(k) != v]
+    defaults = asdict(TrainConfig())  # settings older state files lack had their default values
+    differs = [k for k, v in asdict(cfg).items() if k != "workers" and saved.get(k, defaults[k]) != v]
     if differs:
         shown = ", ".join(f"{k}={saved.get(k)!r} (now {getattr(cfg, k)!r})" for k in differs)
         raise InputFileError(f"'{path}' was written by a run with other settings: {shown}",
@@ -306,6 +338,11 @@ def fit(model: nn.Module, train_set: Dataset, cfg: TrainConfig, *, val_set: Data
 def _fit(model, train_set, cfg, val_set, teacher, save_model, output, resume, progress, rank, world, device):
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
+    val_source, held = ("val" if val_set is not None else None), 0
+    if val_set is None and teacher is not None and cfg.holdout > 0:
+        train_set, val_set = holdout_split(train_set, cfg.holdout, cfg.holdout_max, cfg.seed)
+        if val_set is not None:
+            val_source, held = "holdout", len(val_set)
     trainable = set_trainable(model, cfg.trainable)
     model.to(device)
     if teacher is not None:
@@ -325,7 +362,10 @@ def _fit(model, train_set, cfg, val_set, teacher, save_model, output, resume, pr
 
     result = FitResult(cfg.epochs, world_size=world, amp=str(amp_dtype).replace("torch.", "") if amp_dtype else "off",
                        device=str(device), trainable_params=sum(p.numel() for n, p in model.named_parameters()
-                                                                if n in trainable))
+                                                                if n in trainable),
+                       bn_stats=cfg.bn_stats, keep=cfg.keep, val_source=val_source, holdout_images=held)
+    judge = Judge(model, trainable, val_set, teacher, cfg.keep, device, rank)
+    result.select_metric = judge.metric
     state_file = state_path_for(output) if output else None
     metrics_file = metrics_path_for(output) if output else None
     start = 0
@@ -338,30 +378,50 @@ def _fit(model, train_set, cfg, val_set, teacher, save_model, output, resume, pr
         _set_rng_state(state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0])
         start, result.history = int(state["epoch"]), json.loads(state["history"])
         result.resumed_from_epoch = start
+        judge.load(state.get("judge"))
+        result.recalibrated_images = int(state.get("recalibrated_images", 0))
         if rank == 0 and metrics_file:
             _truncate_metrics(metrics_file, start)
-    elif rank == 0 and metrics_file and not resume:
-        metrics_file.unlink(missing_ok=True)
+    else:
+        if rank == 0 and metrics_file and not resume:
+            metrics_file.unlink(missing_ok=True)
+        judge.start()
+        if cfg.bn_stats == "recalibrate":
+            sampler.set_epoch(0)
+            result.recalibrated_images = recalibrate_stats(model, loader, batches, device)
+    result.input_metrics = judge.input_metrics
 
     with _progress(progress and rank == 0) as bar:
         for epoch in range(start, cfg.epochs):
             metrics = _train_epoch(net, model, teacher, loader, sampler, batches, epoch, cfg, opt, sched, scaler,
                                    amp_dtype, device, bar)
-            if val_set is not None and rank == 0:
-                metrics["val_acc"] = evaluate(model, val_set, device=device)
+            metrics.update(judge.measure())
+            judge.epoch_done(epoch + 1, metrics)
             result.history.append(metrics)
             rngs = _gather_rng(world)
             if rank == 0:
-                _end_of_epoch(model, opt, sched, scaler, rngs, cfg, epoch, result.history, metrics,
+                _end_of_epoch(model, opt, sched, scaler, rngs, cfg, epoch, result, metrics, judge,
                               save_model, state_file, metrics_file)
             if world > 1:
                 dist.barrier()
-    result.ranks_in_sync = _ranks_in_sync(model, device)
     if result.history:
-        result.val_acc = result.history[-1].get("val_acc")
         result.train_loss = result.history[-1]["train_loss"]
+    result.written, result.warning = judge.finish(result.history)
+    result.best_epoch = judge.best_epoch
+    chosen = _written_metrics(result)
+    result.val_acc, result.agreement = chosen.get("val_acc"), chosen.get("agreement")
+    result.ranks_in_sync = _ranks_in_sync(model, device)
     model.cpu().eval()
     return result
+
+
+def _written_metrics(result: FitResult) -> dict:
+    """The validation metrics of the weights written (the input's, the best epoch's or the last's)."""
+    if result.written == "input":
+        return result.input_metrics or {}
+    if result.written.startswith("best epoch"):
+        return result.history[int(result.written.rsplit(" ", 1)[1]) - 1]
+    return result.history[-1] if result.history else {}
 
 
 def _gather_rng(world: int) -> list[dict]:
@@ -372,16 +432,38 @@ def _gather_rng(world: int) -> list[dict]:
     return out
 
 
-def _end_of_epoch(model, opt, sched, scaler, rngs, cfg, epoch, history, metrics, save_model, state_file, metrics_file):
+def _end_of_epoch(model, opt, sched, scaler, rngs, cfg, epoch, result, metrics, judge, save_model, state_file,
+                  metrics_file):
+    """Rank 0: log the epoch, write the model file (the best so far: the input's, the best epoch's or this
+    epoch's weights, whichever ``keep`` selects) and the state file (this epoch's weights, for resume)."""
+    written = judge.written(epoch + 1)
+    metrics["written"] = written
     if metrics_file:
         with metrics_file.open("a") as f:
             f.write(json.dumps(metrics) + "\n")
     if save_model:
-        save_model(model, metrics)
+        # what the file's metadata should record (meta.extra["recovery"]): passed beside the epoch's metrics
+        recovery = {"bn_stats": cfg.bn_stats, "keep": cfg.keep, "select_metric": judge.metric, "written": written,
+                    "best_epoch": judge.best_epoch if written != "last" else epoch + 1,
+                    "input": judge.input_metrics, "val_source": result.val_source,
+                    "holdout_images": result.holdout_images, "recalibrated_images": result.recalibrated_images}
+        best = judge.best_weights() if written != "last" else None
+        if best is None:
+            save_model(model, {**metrics, "recovery": recovery})
+        else:  # write the best weights, then put this epoch's back to keep training
+            current = judge.snapshot()
+            judge.restore(best)
+            try:
+                chosen = dict(judge.input_metrics or {}, epoch=0) if written == "input" else \
+                    result.history[judge.best_epoch - 1]
+                save_model(model, {**chosen, "written": written, "recovery": recovery})
+            finally:
+                judge.restore(current)
     if state_file:
         state = {"version": STATE_VERSION, "epoch": epoch + 1, "model": model.state_dict(),
                  "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "scaler": scaler.state_dict(),
-                 "rng": rngs, "config": json.dumps(asdict(cfg)), "history": json.dumps(history)}
+                 "rng": rngs, "config": json.dumps(asdict(cfg)), "history": json.dumps(result.history),
+                 "judge": judge.state(), "recalibrated_images": result.recalibrated_images}
         with atomic_path(state_file) as tmp:
             torch.save(state, tmp)
 
@@ -390,6 +472,7 @@ def _train_epoch(net, model, teacher, loader, sampler, batches, epoch, cfg, opt,
                  bar) -> dict:
     sampler.set_epoch(epoch)
     net.train()
+    apply_bn_mode(model, cfg.bn_stats)  # freeze / recalibrate: statistics-holding norms stay in eval mode
     task = bar.add_task(f"epoch {epoch + 1}/{cfg.epochs}", total=batches, stats="")
     loss_sum = correct = labeled = seen = 0.0
     t0 = time.perf_counter()

@@ -25,7 +25,7 @@ from repconv.convert.replacement import replaced_units
 from repconv.data import calibration_batches
 from repconv.errors import ArchError, DataError, InputFileError, NothingToReplace, OptionError, OutputError
 from repconv.models import resolve_arch
-from repconv.options import CalibrateSelect, check_choices, with_overrides
+from repconv.options import BnStats, CalibrateSelect, check_choices, with_overrides
 from repconv.train.calibrate import calibrate_units
 from repconv.train.data import check_classes, data_spec, datasets, num_outputs
 from repconv.train.loop import TrainConfig, dist_env, evaluate, fit, metrics_path_for, state_path_for
@@ -45,10 +45,14 @@ __all__ = [
 ]
 
 # What `finetune` and `train` start from (keyword arguments override single fields)
+# BatchNorm statistics and which weights are written, chosen by measurement (benchmarks/bn_stats_recovery.py,
+# docs/results.md 2.6): recovering a pretrained model freezes the statistics and never writes a model worse
+# than its input; training from scratch updates them and writes the last epoch (the papers' protocol).
 FINETUNE_DEFAULTS = TrainConfig(epochs=3, batch_size=64, lr=1e-3, optimizer="adamw", weight_decay=1e-4,
-                                warmup_epochs=0.0, objective="ce", trainable="scalars")
+                                warmup_epochs=0.0, objective="ce", trainable="scalars", bn_stats="freeze",
+                                keep="best")
 TRAIN_DEFAULTS = TrainConfig(epochs=30, batch_size=64, lr=0.1, optimizer="sgd", weight_decay=5e-4,
-                             warmup_epochs=1.0, objective="ce", trainable="all")
+                             warmup_epochs=1.0, objective="ce", trainable="all", bn_stats="update", keep="last")
 
 
 def _load_teacher(teacher: ModelLike | None, why: str, trust_pickle: bool, arch: str | None,
@@ -97,9 +101,13 @@ class CalibrateOptions:
     budget: int | None = None
     max_iter: int = 20  # L-BFGS iterations
     seed: int = 0
+    bn_stats: BnStats = "recalibrate"  # the replaced units' BatchNorm statistics (measured best; freeze keeps them)
+    heldout_batches: int = 4  # batches (not fitted on) to measure agreement with the teacher on; 0: none
 
     def __post_init__(self) -> None:
         check_choices(self)
+        if self.heldout_batches < 0:
+            raise OptionError("heldout_batches", self.heldout_batches, "must not be negative", "give 0 or more")
         for name in ("batches", "batch_size", "max_iter"):
             if getattr(self, name) < 1:
                 raise OptionError(name, getattr(self, name), "must be at least 1", "give a positive integer")
@@ -120,6 +128,13 @@ class CalibrationResult:
     selected: list[str] | None = None  # select="measured": the units kept
     damage: list[dict] | None = None
     notes: list[str] = field(default_factory=list)
+    bn_stats: str = "recalibrate"
+    agreement_before: float | None = None  # top-1 agreement with the teacher on the calibration batches
+    agreement_after: float | None = None
+    heldout_agreement_before: float | None = None  # ... on held-out batches (or the validation images)
+    heldout_agreement_after: float | None = None
+    heldout_images: int = 0
+    kept_input: bool = False  # the fit did not lower the KL: the model was left as it came
     output: Path | None = None
 
     def to_dict(self) -> dict:
@@ -151,7 +166,12 @@ def calibrate(model: ModelLike, *, teacher: ModelLike | None, data: str | os.Pat
     _, val_set = datasets(data, val_data, spec, labeled=False)
     val_set = _labels_fit(val_set, loaded.model, spec, notes)  # labels are only for reporting here
     say(f"reading {o.batches} calibration batches of {o.batch_size} from {data}")
-    calib = calibration_batches(data, spec, o.batches, o.batch_size, o.seed)
+    batches = calibration_batches(data, spec, o.batches + o.heldout_batches, o.batch_size, o.seed)
+    calib, heldout = batches[:o.batches], batches[o.batches:]
+    if val_data is not None and val_set is not None:  # the user's validation images are the held-out set
+        heldout = [x for x, _ in torch.utils.data.DataLoader(val_set, batch_size=o.batch_size)]
+    if o.heldout_batches and not heldout:
+        notes.append(f"no images left for held-out agreement after {len(calib)} calibration batches")
     selected = damage = None
     if o.select == "measured":
         say(f"measuring the damage of each of {len(loaded.meta.plan.replace_steps)} replaced units")
@@ -167,7 +187,7 @@ def calibrate(model: ModelLike, *, teacher: ModelLike | None, data: str | os.Pat
         say(f"validating the model as it came in ({len(val_set)} images)")
     before = _val_accuracy(student, val_set)
     say(f"fitting {2 * len(replaced_units(student))} scalars (L-BFGS, up to {o.max_iter} iterations)")
-    cal = calibrate_units(student, t.model, calib, o.max_iter)
+    cal = calibrate_units(student, t.model, calib, o.max_iter, bn_stats=o.bn_stats, heldout=heldout or None)
     if val_set is not None:
         say("validating the calibrated model and the teacher")
     for s in loaded.meta.plan.replace_steps:  # the plan records the calibrated scalars too
@@ -176,9 +196,13 @@ def calibrate(model: ModelLike, *, teacher: ModelLike | None, data: str | os.Pat
             s.a, s.b, s.init = fit_.a, fit_.b, "fixed"
     result = CalibrationResult([asdict(f) for f in cal.units], cal.kl_before, cal.kl_after,
                                _val_accuracy(student, val_set), before, _val_accuracy(t.model, val_set),
-                               len(calib), sum(len(x) for x in calib), selected, damage, notes)
+                               len(calib), sum(len(x) for x in calib), selected, damage, notes, cal.bn_stats,
+                               cal.agreement_before, cal.agreement_after, cal.heldout_agreement_before,
+                               cal.heldout_agreement_after, cal.heldout_images, cal.kept_input)
     if output is not None:
-        loaded.meta.extra["calibration"] = {"batches": result.batches, "images": result.images}
+        loaded.meta.extra["calibration"] = {k: getattr(result, k) for k in (
+            "batches", "images", "bn_stats", "agreement_before", "agreement_after", "heldout_agreement_before",
+            "heldout_agreement_after", "heldout_images", "kept_input")}
         result.output = save(output, student, loaded.meta)
     return result
 
@@ -197,6 +221,17 @@ class FitOutcome:
     history: list[dict]
     resumed_from_epoch: int | None
     world_size: int
+    bn_stats: str
+    keep: str
+    select_metric: str | None  # what chose the weights written: val_acc (labels) or agreement (with the teacher)
+    written: str  # "input" | "best epoch N" | "last"
+    best_epoch: int | None
+    warning: str | None  # set when recovery ended worse than its input (the input was written)
+    agreement: float | None  # of the weights written, with the teacher
+    input_metrics: dict | None
+    val_source: str | None  # "val" | "holdout" | None
+    holdout_images: int
+    recalibrated_images: int
     notes: list[str] = field(default_factory=list)
     ranks_in_sync: bool | None
     rank: int = 0
@@ -207,10 +242,11 @@ class FitOutcome:
     @staticmethod
     def fields_of(res, output: Path) -> dict:
         """The shared fields from the loop's FitResult and the files it wrote."""
-        return {"epochs": res.epochs, "trainable_params": res.trainable_params, "val_acc": res.val_acc,
-                "train_loss": res.train_loss, "history": res.history, "resumed_from_epoch": res.resumed_from_epoch,
-                "world_size": res.world_size, "ranks_in_sync": res.ranks_in_sync, "rank": dist_env()[0],
-                "output": Path(output), "state_file": state_path_for(output), "metrics_file": metrics_path_for(output)}
+        shared = ("epochs", "trainable_params", "val_acc", "train_loss", "history", "resumed_from_epoch", "world_size",
+                  "ranks_in_sync", "bn_stats", "keep", "select_metric", "written", "best_epoch", "warning",
+                  "agreement", "input_metrics", "val_source", "holdout_images", "recalibrated_images")
+        return {**{k: getattr(res, k) for k in shared}, "rank": dist_env()[0], "output": Path(output),
+                "state_file": state_path_for(output), "metrics_file": metrics_path_for(output)}
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -248,7 +284,9 @@ def _fit(model: nn.Module, meta: CheckpointMeta, cfg: TrainConfig, *, train_set,
                           "create it or choose another output path")
 
     def save_model(m: nn.Module, metrics: dict) -> None:
-        meta.extra["training"] = {k: metrics.get(k) for k in ("epoch", "train_loss", "val_acc")}
+        meta.extra["training"] = {k: metrics.get(k) for k in ("epoch", "train_loss", "val_acc", "agreement",
+                                                              "written")}
+        meta.extra["recovery"] = metrics.get("recovery")  # bn_stats, keep, what was written and why
         save(output, to_save(m) if to_save else m, meta)
 
     return fit(model, train_set, cfg, val_set=val_set, teacher=teacher, save_model=save_model, output=output,
