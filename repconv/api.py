@@ -27,6 +27,7 @@ from repconv.report import ReportResult, report
 from repconv.runtime.base import Session
 from repconv.runtime.bench import BenchOptions, BenchReport, bench
 from repconv.runtime.predict import PredictResult, predict
+from repconv.runtime.record import record_run
 from repconv.runtime.session import open_session
 from repconv.runtime.validate import ValidateResult, validate
 from repconv.train.loop import TrainConfig
@@ -46,6 +47,6 @@ __all__ = [
     "ExportOptions", "ExportResult", "FinetuneResult", "FoldResult", "Loaded", "PredictResult", "ReportResult",
     "Session", "TrainConfig", "TrainResult", "ValidateResult", "bench", "build_engine", "calibrate",
     "check_round_trip", "convert", "demo", "engine_plan", "export", "finetune", "fold", "inspect", "list_models",
-    "load", "load_checkpoint", "measured_units", "open_session", "parameter_free_report", "predict",
+    "load", "load_checkpoint", "measured_units", "open_session", "parameter_free_report", "predict", "record_run",
     "register_model", "report", "resolve_arch", "save", "summarize", "train", "validate",
 ]

@@ -8,16 +8,30 @@ from typing import Annotated
 import typer
 
 from repconv.cli import render
-from repconv.cli.options import JsonOpt
+from repconv.cli.options import ArchOpt, JsonOpt, NumClassesOpt, TrustOpt
 
 
-def report(run_dir: Annotated[Path, typer.Argument(help="run directory holding run.json (e.g. repconv demo --out)")],
+def report(paths: Annotated[list[Path], typer.Argument(help="a run directory holding run.json (repconv demo "
+                                                       "--out), or your own artifacts: the first is the reference")],
            output: Annotated[Path | None, typer.Option("-o", "--output", help="HTML file to write "
                                                        "(default RUN_DIR/report.html)")] = None,
+           out: Annotated[Path, typer.Option("--out", help="with artifacts: the run directory to write run.json "
+                                             "into")] = Path("repconv-report"),
+           data: Annotated[str | None, typer.Option("--data", help="with artifacts: labeled images for accuracy "
+                                                    "(digits or ROOT/CLASS/*.jpg)")] = None,
+           bench: Annotated[bool, typer.Option("--bench", help="with artifacts: also measure latency")] = False,
+           title: Annotated[str | None, typer.Option("--title")] = None,
+           arch: ArchOpt = None, num_classes: NumClassesOpt = None, trust_pickle: TrustOpt = False,
            as_json: JsonOpt = False) -> None:
-    """One self-contained HTML page from a run directory: plan, savings, accuracy, parity, latency."""
+    """One self-contained HTML page of a run: plan, savings, accuracy, parity, latency (of the demo, or of your
+    own artifacts, measured now)."""
     from repconv import api
 
+    run_dir = paths[0]
+    if len(paths) > 1 or not paths[0].is_dir():
+        with render.status("measuring") as status:
+            run_dir = api.record_run(paths, out, data=data, title=title, bench=bench, arch=arch,
+                                     num_classes=num_classes, trust_pickle=trust_pickle, progress=status.update)
     result = api.report(run_dir, output)
     if as_json:
         render.emit_json(result.to_dict())
