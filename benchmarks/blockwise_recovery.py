@@ -78,10 +78,15 @@ def run_arm(arm: str, student, teacher, train_set, val_set, args) -> dict:
 
 def accuracy(arch: str, forms: list[str], args, out: dict, tmp: Path, on_progress) -> None:
     out |= {"arch": arch, "input_size": args.size, "forms": {}}
-    original = tmp / f"{arch}.safetensors"
-    err.print(f"training {arch} on digits at {args.size}px for {args.pretrain_epochs} epochs")
-    repconv.train(arch, data="digits", output=original, replace=False, epochs=args.pretrain_epochs,
-                  batch_size=args.batch_size, batches_per_epoch=args.batches_per_epoch, input_size=args.size)
+    given = dict(c.split("=", 1) for c in args.checkpoint)
+    if arch in given:  # a trained original (its training is then not part of this run)
+        original = Path(given[arch])
+        out["checkpoint"] = str(original)
+    else:
+        original = tmp / f"{arch}.safetensors"
+        err.print(f"training {arch} on digits at {args.size}px for {args.pretrain_epochs} epochs")
+        repconv.train(arch, data="digits", output=original, replace=False, epochs=args.pretrain_epochs,
+                      batch_size=args.batch_size, batches_per_epoch=args.batches_per_epoch, input_size=args.size)
     teacher = repconv.load(original).eval()
     meta = repconv.load_checkpoint(original).meta
     train_set = digits("train", args.size, meta.mean, meta.std)
@@ -171,8 +176,11 @@ def main() -> None:
     ap.add_argument("--parts", nargs="+", default=["accuracy", "memory"], choices=["accuracy", "memory"])
     ap.add_argument("--archs", nargs="+", default=list(DEFAULT_FORMS))
     ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
+    ap.add_argument("--forms", nargs="+", default=None, help="parameter-free policies (default: per arch)")
     ap.add_argument("--size", type=int, default=32)
     ap.add_argument("--pretrain-epochs", type=int, default=10)
+    ap.add_argument("--checkpoint", nargs="*", default=[], metavar="ARCH=PATH",
+                    help="use this trained original for ARCH instead of training one")
     ap.add_argument("--budget", type=int, default=10, help="recovery epochs of every arm and of the control")
     ap.add_argument("--local-epochs", type=int, default=3)
     ap.add_argument("--local-lr", type=float, default=1e-3)
@@ -200,8 +208,8 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             for arch in args.archs:
                 result["accuracy"].append({})
-                accuracy(arch, DEFAULT_FORMS.get(arch, ["hybrid"]), args, result["accuracy"][-1], Path(tmp),
-                         lambda: save_partial(result, args.out))
+                forms = args.forms or DEFAULT_FORMS.get(arch, ["hybrid"])
+                accuracy(arch, forms, args, result["accuracy"][-1], Path(tmp), lambda: save_partial(result, args.out))
     if "memory" in args.parts:
         result["memory"] = memory(args)
     finish(result, args.out, started)

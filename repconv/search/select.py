@@ -94,9 +94,8 @@ def fastest(table: CandidateTable) -> Selection:
     return _selection(table, cols, delta, damage, res.x)
 
 
-def select(table: CandidateTable, *, latency_budget: float | None = None, max_drop: float | None = None) -> Selection:
-    """One candidate per unit under ``latency_budget`` (fraction of the original's latency) or ``max_drop``
-    (accuracy points); exactly one of them. Raises PlanError when no plan meets the budget."""
+def check_budget(latency_budget: float | None, max_drop: float | None) -> None:
+    """Raise OptionError unless exactly one sensible budget is given."""
     if (latency_budget is None) == (max_drop is None):
         raise OptionError("give exactly one of --latency-budget and --max-drop", "for example --latency-budget 0.8")
     if latency_budget is not None and not latency_budget > 0:
@@ -104,6 +103,12 @@ def select(table: CandidateTable, *, latency_budget: float | None = None, max_dr
                           "give the target latency as a fraction of the original's, such as 0.8")
     if max_drop is not None and max_drop < 0:
         raise OptionError(f"--max-drop {max_drop} is negative", "give the accuracy points you accept to lose, e.g. 1")
+
+
+def select(table: CandidateTable, *, latency_budget: float | None = None, max_drop: float | None = None) -> Selection:
+    """One candidate per unit under ``latency_budget`` (fraction of the original's latency) or ``max_drop``
+    (accuracy points); exactly one of them. Raises PlanError when no plan meets the budget."""
+    check_budget(latency_budget, max_drop)
     started = time.perf_counter()
     cols, delta, damage = _index(table)
     upper = np.where(delta > 0, 0.0, 1.0)
