@@ -34,6 +34,7 @@ class DamageOptions:
     batch_size: int = 64
     lr: float = 1e-3
     pf_train: str = "all"  # all | norm
+    stats_batches: int = 8  # batches re-estimating each candidate's BN statistics before training
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -112,7 +113,27 @@ def train_views(teacher: nn.Module, views: dict[str, dict[str, nn.Module]], batc
                     p.requires_grad_(True)
                 params += ps
                 trained.setdefault(unit, {})[name] = v
-    if not params or not batches:
+    if not batches:
+        return {"steps": 0}
+    # BN statistics of every candidate re-estimated on its unit's teacher inputs (repconv.train.local), kept per
+    # candidate only where that lowers its unit error on those batches
+    probe = batches[: options.stats_batches]
+    pf = {u: {n: v for n, v in c.items() if not isinstance(v, CandidateReplaced)} for u, c in views.items()}
+    pf = {u: c for u, c in pf.items() if c}
+    before = _unit_errors(teacher, pf, probe)
+    saved = {(u, n): {k: b.clone() for k, b in v.named_buffers()} for u, c in pf.items() for n, v in c.items()}
+    capture = _Capture(teacher, pf)
+    try:
+        _init_stats(teacher, pf, probe, capture)
+    finally:
+        capture.close()
+    after = _unit_errors(teacher, pf, probe)
+    with torch.no_grad():
+        for (u, n), bufs in saved.items():
+            if after[u, n] > before[u, n]:
+                for k, b in pf[u][n].named_buffers():
+                    b.copy_(bufs[k])
+    if not params:
         return {"steps": 0}
     opt = torch.optim.AdamW(params, lr=options.lr, weight_decay=0.0)
     capture = _Capture(teacher, trained)
@@ -137,6 +158,25 @@ def train_views(teacher: nn.Module, views: dict[str, dict[str, nn.Module]], batc
         for v in cands.values():
             v.requires_grad_(False)
     return {"steps": steps}
+
+
+def _init_stats(teacher, views, batches, capture) -> None:
+    from repconv.train.calibrate import batch_stats
+
+    modules = [v for cands in views.values() for v in cands.values() if not isinstance(v, CandidateReplaced)]
+    for v in modules:
+        for m in v.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.reset_running_stats()
+    with torch.no_grad(), batch_stats(modules, momentum=None):
+        for x in batches:
+            capture.run(teacher, x)
+            for unit, cands in views.items():
+                for v in cands.values():
+                    if not isinstance(v, CandidateReplaced):
+                        v(*capture.inputs[unit])
+    for v in modules:
+        v.eval()
 
 
 def _unit_errors(teacher, views, batches) -> dict[tuple[str, str], float]:

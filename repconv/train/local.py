@@ -391,8 +391,16 @@ def local_distill(student: nn.Module, teacher: nn.Module, data: Dataset | Sequen
     try:
         _set_norm_modes(views.values(), "freeze")
         before = unit_errors(teacher, views, eval_batches)
-        if options.init_stats:
-            init_norm_stats(teacher, views, data, options)
+        if options.init_stats:  # kept per unit only where it lowers the unit's error
+            pf = {p: v for p, v in views.items() if not isinstance(v, ReplacedView)}
+            saved = {p: {n: b.clone() for n, b in v.named_buffers()} for p, v in pf.items()}
+            init_norm_stats(teacher, pf, data, options)
+            renewed = unit_errors(teacher, pf, eval_batches)
+            with torch.no_grad():
+                for p, v in pf.items():
+                    if renewed[p] > before[p]:
+                        for n, b in v.named_buffers():
+                            b.copy_(saved[p][n])
         trained = {p: v for p, v in views.items() if train_sets[p]}
         if params:
             steps, images = _train(teacher, trained, params, data, options, history, progress)

@@ -24,14 +24,16 @@ def test_damage_all_candidates_in_one_pass(teacher):
     images = torch.randn(96, 3, 16, 16, generator=torch.Generator().manual_seed(1))
     table = enumerate_candidates(teacher)
     keys = {c.key for u in table for c in u.candidates[1:]}
-    untrained = measure_damage(teacher, table, [], list(images[64:].split(32)), DamageOptions(steps=0))
+    untrained = measure_damage(teacher, table, list(images[:64].split(16)), list(images[64:].split(32)),
+                               DamageOptions(steps=0))
     trained = measure_damage(teacher, table, list(images[:64].split(16)), list(images[64:].split(32)),
                              DamageOptions(steps=12, lr=1e-2))
     assert set(trained) - {"_info"} == keys and trained["_info"]["train_steps"] == 12
     for k in keys:
         assert 0 <= trained[k]["damage"] <= 100 and trained[k]["kl"] >= 0
         if k.endswith(("pf-avg", "hybrid")):  # pools with 1x1 convs and norms around them: local training helps
-            assert trained[k]["unit_error"] < untrained[k]["unit_error"], k
+            before, after = untrained[k]["unit_error"], trained[k]["unit_error"]
+            assert after < before or after < 0.01, (k, before, after)  # or already close after the BN re-estimate
     assert untrained["layer.3:replace"]["unit_error"] == pytest.approx(trained["layer.3:replace"]["unit_error"])
 
 
