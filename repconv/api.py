@@ -30,6 +30,7 @@ from repconv.runtime.predict import PredictResult, predict
 from repconv.runtime.record import record_run
 from repconv.runtime.session import open_session
 from repconv.runtime.validate import ValidateResult, validate
+from repconv.search.run import SearchOptions, SearchResult, search
 from repconv.train.loop import TrainConfig
 from repconv.train.recover import (
     CalibrateOptions,
@@ -45,8 +46,9 @@ __all__ = [
     "BenchOptions", "BenchReport", "CalibrateOptions", "CalibrationResult", "CheckpointMeta", "Conversion",
     "ConversionSummary", "ConvertOptions", "DemoResult", "EngineBuild", "EngineOptions", "EnginePlan",
     "ExportOptions", "ExportResult", "FinetuneResult", "FoldResult", "Loaded", "PredictResult", "ReportResult",
-    "Session", "TrainConfig", "TrainResult", "ValidateResult", "bench", "build_engine", "calibrate",
-    "check_round_trip", "convert", "demo", "engine_plan", "export", "finetune", "fold", "inspect", "list_models",
-    "load", "load_checkpoint", "measured_units", "open_session", "parameter_free_report", "predict", "record_run",
-    "register_model", "report", "resolve_arch", "save", "summarize", "train", "validate",
+    "SearchOptions", "SearchResult", "Session", "TrainConfig", "TrainResult", "ValidateResult", "bench",
+    "build_engine", "calibrate", "check_round_trip", "convert", "demo", "engine_plan", "export", "finetune", "fold",
+    "inspect", "list_models", "load", "load_checkpoint", "measured_units", "open_session", "parameter_free_report",
+    "predict", "record_run", "register_model", "report", "resolve_arch", "save", "search", "summarize", "train",
+    "validate",
 ]

@@ -14,7 +14,7 @@ import typer
 from rich.markup import escape
 
 from repconv._version import __version__
-from repconv.cli import convert, deploy, recover, report, run
+from repconv.cli import convert, deploy, recover, report, run, search
 from repconv.cli.render import err
 from repconv.errors import RepconvError
 
@@ -23,8 +23,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   "pretrained PyTorch vision models: convert, recover, fold, export, run.")
 
 for command in (convert.inspect, convert.convert, convert.models, recover.calibrate, recover.finetune,
-                recover.train, deploy.fold, deploy.export, run.predict, run.validate, run.bench, report.report,
-                report.demo):
+                recover.train, search.search, deploy.fold, deploy.export, run.predict, run.validate, run.bench,
+                report.report, report.demo):
     app.command()(command)
 
 

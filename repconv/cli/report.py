@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from repconv.cli import render
+from repconv.cli import render, render_run
 from repconv.cli.options import ArchOpt, JsonOpt, NumClassesOpt, TrustOpt
 
 
@@ -36,7 +36,7 @@ def report(paths: Annotated[list[Path], typer.Argument(help="a run directory hol
     if as_json:
         render.emit_json(result.to_dict())
     else:
-        render.stages(result.summary["stages"], None, f"{result.summary['title']}")
+        render_run.stages(result.summary["stages"], None, f"{result.summary['title']}")
         render.out.print(f"report: {result.path}", soft_wrap=True)
 
 
@@ -52,5 +52,5 @@ def demo(out: Annotated[Path, typer.Option("--out", help="folder for the artifac
     if as_json:
         render.emit_json(summary)
         return
-    render.stages(summary["stages"], result.latency_b1(), summary["title"])
+    render_run.stages(summary["stages"], result.latency_b1(), summary["title"])
     render.out.print(f"artifacts, run.json and report in {result.out}; open {result.report}", soft_wrap=True)

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from repconv.cli import render
+from repconv.cli import render, render_run
 from repconv.cli.options import ArchOpt, BackendOpt, DeviceOpt, JsonOpt, NumClassesOpt, TrustOpt
 from repconv.errors import OptionError
 
@@ -27,7 +27,7 @@ def predict(artifact: Annotated[Path, typer.Argument(help="checkpoint, .onnx or 
     if as_json:
         render.emit_json(result.to_dict())
     else:
-        render.predictions(result, artifact)
+        render_run.predictions(result, artifact)
 
 
 def validate(artifacts: Annotated[list[Path], typer.Argument(help="checkpoints, .onnx files and .engine files")],
@@ -53,7 +53,7 @@ def validate(artifacts: Annotated[list[Path], typer.Argument(help="checkpoints, 
     if as_json:
         render.emit_json(result.to_dict())
     else:
-        render.validation(result, per_class)
+        render_run.validation(result, per_class)
 
 
 def bench(artifacts: Annotated[list[Path], typer.Argument(help="checkpoints, .onnx files and .engine files; "
@@ -91,7 +91,7 @@ def bench(artifacts: Annotated[list[Path], typer.Argument(help="checkpoints, .on
     if as_json:
         render.emit_json(report.to_dict())
     else:
-        render.bench(report)
+        render_run.bench(report)
     for path, what in ((json_out, "JSON report"), (plot, "plot")):
         if path is not None:
             render.note(f"{what} -> {path}")

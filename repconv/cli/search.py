@@ -1,0 +1,53 @@
+"""`repconv search`: what to convert, chosen under a latency or accuracy budget, measured."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from repconv.cli import render, render_run
+from repconv.cli.options import ArchOpt, JsonOpt, ModelArg, NumClassesOpt, TrustOpt
+
+TARGETS = "ort-cpu | ort-cuda | tensorrt | torch-nchw | torch-channels-last"
+
+
+def search(model: ModelArg,
+           data: Annotated[str, typer.Option("--data", help="images to distill on and score candidates with: "
+                                             "digits or a folder (labels unused)")],
+           output: Annotated[Path, typer.Option("-o", "--output", help="folder for the searched checkpoint, "
+                                                "search.json, the candidate table and pareto.png")],
+           latency_budget: Annotated[float | None, typer.Option("--latency-budget", help="target latency as a "
+                                                                "fraction of the original's, e.g. 0.8")] = None,
+           max_drop: Annotated[float | None, typer.Option("--max-drop", help="accuracy points (agreement with the "
+                                                          "original) you accept to lose, e.g. 1")] = None,
+           target: Annotated[str, typer.Option("--target", help=f"where latency is measured: {TARGETS}")] = "ort-cpu",
+           val_data: Annotated[str | None, typer.Option("--val-data", help="held-out images (default: a split of "
+                                                        "--data)")] = None,
+           cache: Annotated[Path | None, typer.Option("--cache", help="candidate table file (default: in the "
+                                                      "output folder); reused when model, data and target match")]
+           = None,
+           refresh: Annotated[bool, typer.Option("--refresh", help="rebuild the candidate table")] = False,
+           resume: Annotated[bool, typer.Option("--resume", help="continue an interrupted search")] = False,
+           threads: Annotated[int, typer.Option("--threads", help="CPU threads for latency")] = 2,
+           global_epochs: Annotated[int, typer.Option("--global-epochs", help="distillation epochs of the "
+                                                      "assembled model")] = 3,
+           batches_per_epoch: Annotated[int | None, typer.Option("--batches-per-epoch", help="cap (quick runs)")]
+           = None,
+           arch: ArchOpt = None, num_classes: NumClassesOpt = None, trust_pickle: TrustOpt = False,
+           as_json: JsonOpt = False) -> None:
+    """Measure each unit's candidates (damage, latency), choose the fastest plan within the budget (an integer
+    program), convert, distill and verify predicted against measured."""
+    from repconv import api
+    from repconv.options import from_values
+
+    options = from_values(api.SearchOptions, locals())
+    with render.status("searching") as status:
+        result = api.search(model, data, output, latency_budget=latency_budget, max_drop=max_drop, options=options,
+                            val_data=val_data, cache=cache, refresh=refresh, resume=resume, progress=status.update,
+                            arch=arch, num_classes=num_classes, trust_pickle=trust_pickle)
+    if as_json:
+        render.emit_json(result.to_dict())
+    else:
+        render_run.searched(result)

@@ -1,0 +1,410 @@
+"""``repconv search``: build (or reuse) the candidate table, solve for a budget, convert, locally distill, recover
+globally, then verify the result's measured latency and accuracy against the prediction.
+
+Files written under ``output`` (a folder):
+
+* ``candidates.json``: the candidate table (the cache: a new budget on the same model, data, target and settings
+  only re-solves); ``candidates.partial.json`` while the latency phase is still to run;
+* ``searched.repconv.safetensors``: the converted, locally distilled and recovered checkpoint with its plan
+  (``meta.extra["search"]`` holds the selection); with its ``.state.pt`` / ``.metrics.jsonl`` while the global
+  stage runs (``resume=True`` continues an interrupted search from the last finished phase / epoch);
+* ``search.json``: the :class:`SearchResult`; ``pareto.png``: the table's predicted frontier and the result.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from repconv.errors import DataError, OutputError
+from repconv.search.candidates import KINDS, assemble_plan, enumerate_candidates
+from repconv.search.damage import DamageOptions, build_views, measure_damage
+from repconv.search.latency import check_target, measure_models, measure_unit_deltas
+from repconv.search.select import Selection, check_budget, fastest, select
+from repconv.search.table import CandidateTable, Figures, data_digest, load_table, model_digest, now_utc, table_key
+from repconv.train.local import LocalOptions, LocalResult, local_distill
+
+TABLE_FILE, PARTIAL_FILE = "candidates.json", "candidates.partial.json"
+CHECKPOINT_FILE, RESULT_FILE, PLOT_FILE = "searched.repconv.safetensors", "search.json", "pareto.png"
+
+
+@dataclass
+class SearchOptions:
+    """Everything that decides the candidate table (``table_settings``) and the recovery of the result."""
+
+    target: str = "ort-cpu"
+    device: str = "cpu"
+    threads: int = 2
+    latency_batch: int = 1
+    latency_rounds: int = 5
+    latency_block: int = 10
+    latency_warmup: int = 2
+    kinds: tuple[str, ...] = KINDS
+    units: tuple[str, ...] | None = None  # globs: only these units are candidates (None: every unit)
+    damage: DamageOptions = field(default_factory=DamageOptions)
+    train_images: int | None = 1024  # images for the table's local distillation (None: all)
+    eval_images: int = 256  # held-out images scoring each candidate
+    local: LocalOptions = field(default_factory=LocalOptions)
+    global_epochs: int = 3
+    global_lr: float = 1e-3
+    global_objective: str = "distill"  # distill | both | ce (labels needed for both / ce)
+    batches_per_epoch: int | None = None  # cap for the assembled model's local and global stages (quick runs)
+    verify_rounds: int = 5
+    seed: int = 0
+
+    def table_settings(self, input_shape: Sequence[int]) -> dict:
+        return {"target": self.target, "device": self.device, "threads": self.threads, "batch": self.latency_batch,
+                "rounds": self.latency_rounds, "block": self.latency_block, "kinds": list(self.kinds),
+                "units": None if self.units is None else list(self.units),
+                "damage": self.damage.to_dict(), "train_images": self.train_images, "eval_images": self.eval_images,
+                "input_shape": list(input_shape), "seed": self.seed}
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class SearchResult:
+    selection: Selection
+    plan: dict
+    output: Path
+    checkpoint: Path | None
+    table_path: Path
+    table_reused: bool
+    base_latency_ms: float  # the original, measured with the result (same run, interleaved)
+    measured_latency_ms: float
+    predicted_latency_ms: float
+    predicted_drop: float  # points of agreement with the original, from the table
+    agreement_after_local: float | None
+    agreement: float | None  # with the original, on the held-out images, after global recovery
+    val_acc_original: float | None
+    val_acc: float | None
+    local: dict | None = None
+    global_history: list[dict] = field(default_factory=list)
+    seconds: dict = field(default_factory=dict)
+    plot: Path | None = None
+
+    @property
+    def latency_ratio(self) -> float:
+        return self.measured_latency_ms / self.base_latency_ms
+
+    @property
+    def latency_error(self) -> float:
+        """Predicted over measured ratio, minus 1 (both relative to the original measured beside them)."""
+        return (self.predicted_latency_ms / self.selection.base_latency_ms) / self.latency_ratio - 1
+
+    def to_dict(self) -> dict:
+        d = {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "selection"}
+        d = {k: str(v) if isinstance(v, Path) else v for k, v in d.items()}
+        return d | {"selection": self.selection.to_dict(), "latency_ratio": self.latency_ratio,
+                    "latency_error": self.latency_error,
+                    "measured_drop_after_local": None if self.agreement_after_local is None
+                    else 100 * (1 - self.agreement_after_local),
+                    "measured_drop": None if self.agreement is None else 100 * (1 - self.agreement)}
+
+
+# ---------------------------------------------------------------- data
+
+
+def _images(ds, limit: int | None, batch_size: int) -> list[torch.Tensor]:
+    from repconv.train.local import image_batches
+
+    out, n = [], 0
+    for x in image_batches(ds, batch_size):
+        if limit is not None and n >= limit:
+            break
+        if limit is not None:
+            x = x[: limit - n]
+        out.append(x)
+        n += len(x)
+    return out
+
+
+def load_data(data, val_data, meta, *, labeled: bool = False):
+    """(train set, held-out set): datasets pass through; ``digits`` or a folder is read with the model's input
+    spec; the held-out set is ``val_data``, else the data's ``val`` split, else the last 20% of ``data``."""
+    from repconv.data import has_split, make_dataset
+
+    def read(src, split, labeled=labeled):
+        if not isinstance(src, (str, os.PathLike)):
+            return src
+        if labeled:  # held-out data: with labels when the folder has classes, to report accuracy too
+            try:
+                return make_dataset(src, split, meta.input_size[-2:], meta.mean, meta.std, labeled=True)
+            except DataError:
+                pass
+        return make_dataset(src, split, meta.input_size[-2:], meta.mean, meta.std, labeled=False)
+
+    train = read(data, "train")
+    if val_data is not None:
+        val = read(val_data, "val" if isinstance(val_data, (str, os.PathLike)) and has_split(val_data, "val")
+                   else "train", True)
+    elif isinstance(data, (str, os.PathLike)) and has_split(data, "val"):
+        val = read(data, "val", True)
+    else:
+        n = len(train)
+        cut = max(1, n - max(1, n // 5))
+        train, val = torch.utils.data.Subset(train, range(cut)), torch.utils.data.Subset(train, range(cut, n))
+    if len(train) == 0 or len(val) == 0:
+        raise DataError("the search data holds no images (or too few to keep some for held-out scoring)",
+                        "give a folder with images (ROOT/*.jpg or ROOT/train + ROOT/val)")
+    return train, val
+
+
+# ---------------------------------------------------------------- the table
+
+
+def build_table(teacher: nn.Module, train_set, val_set, *, options: SearchOptions | None = None,
+                cache: str | os.PathLike | None = None, refresh: bool = False, leaves: Sequence[str] = (),
+                progress: Callable[[str], None] | None = None) -> tuple[CandidateTable, bool]:
+    """The candidate table of ``teacher`` on this data and target; (table, reused from ``cache``).
+
+    A cache for other weights, data, target or settings raises InputFileError unless ``refresh`` (then the table
+    is measured again and the cache overwritten)."""
+    options = options or SearchOptions()
+    say = progress or (lambda _m: None)
+    check_target(options.target, options.device)
+    teacher.eval()
+    torch.manual_seed(options.seed)
+    train_batches = _images(train_set, options.train_images, options.damage.batch_size)
+    eval_batches = _images(val_set, options.eval_images, 128)
+    if not train_batches or not eval_batches:
+        raise DataError("the search data holds no images", "give a folder with images")
+    units = enumerate_candidates(teacher, leaves=leaves, kinds=options.kinds, units=options.units)
+    example = eval_batches[0][:1].expand(options.latency_batch, *eval_batches[0].shape[1:]).contiguous()
+    settings = options.table_settings(example.shape)
+    key = table_key(model_digest(teacher), data_digest(train_batches + eval_batches), options.target, settings)
+    cache = Path(cache) if cache is not None else None
+    if cache is not None and cache.exists() and not refresh:
+        return load_table(cache, expect_key=key, expect_units=[u.unit for u in units]), True
+    partial = cache.with_name(cache.stem + ".partial.json") if cache is not None else None
+    seconds: dict = {}
+    views = build_views(teacher, units)
+    damage = None
+    if partial is not None and partial.exists() and not refresh:
+        saved = json.loads(partial.read_text())
+        if saved.get("key") == key:
+            damage = saved["damage"]
+            say(f"reusing the damage phase from {partial}")
+    if damage is None:
+        t0 = time.perf_counter()
+        say(f"measuring accuracy damage of {sum(len(v) for v in views.values())} candidates")
+        damage = measure_damage(teacher, units, train_batches, eval_batches, options.damage, views=views,
+                                progress=say)
+        seconds["damage"] = round(time.perf_counter() - t0, 1)
+        if partial is not None:
+            from repconv.io import write_text_atomic
+
+            write_text_atomic(partial, json.dumps({"key": key, "damage": damage}))
+    t0 = time.perf_counter()
+    say(f"measuring latency on {options.target}")
+    timing = {"threads": options.threads, "device": options.device, "rounds": options.latency_rounds,
+              "block": options.latency_block, "warmup": options.latency_warmup}
+    deltas = measure_unit_deltas(teacher, views, example, options.target, progress=say, **timing)
+    base = measure_models({"original": teacher}, example, options.target, **timing)["original"]
+    seconds["latency"] = round(time.perf_counter() - t0, 1)
+    figures = {}
+    for u in units:
+        for c in u.candidates[1:]:
+            d = damage[c.key]
+            figures[c.key] = Figures(damage=d["damage"], kl=d["kl"], latency_delta_ms=deltas[u.unit][c.name],
+                                     unit_error=d["unit_error"], measured=c.name != "replace")
+    table = CandidateTable(key, options.target, base, units, figures, model_digest(teacher),
+                           data_digest(train_batches + eval_batches), settings, now_utc(), seconds)
+    if cache is not None:
+        table.save(cache)
+        if partial is not None:
+            partial.unlink(missing_ok=True)
+    return table, False
+
+
+# ---------------------------------------------------------------- verification helpers
+
+
+def agreement(model: nn.Module, teacher: nn.Module, batches: Sequence[torch.Tensor]) -> float:
+    same = total = 0
+    model.eval()
+    with torch.no_grad():
+        for x in batches:
+            same += int((model(x).argmax(1) == teacher(x).argmax(1)).sum())
+            total += len(x)
+    return same / max(total, 1)
+
+
+def _labeled_accuracy(model: nn.Module, ds) -> float | None:
+    from repconv.train.loop import evaluate
+
+    try:
+        ys = [ds[i][1] for i in range(min(len(ds), 4))]
+    except Exception:
+        return None
+    if not ys or any(int(y) < 0 for y in ys):
+        return None
+    return evaluate(model, ds)
+
+
+def latency_model(teacher: nn.Module, plan) -> nn.Module:
+    """What runs at inference for ``plan``: replaced units fold back to the original architecture, so only the
+    parameter-free steps change the graph."""
+    from repconv.conversion import convert
+
+    pf = plan.without_replacement()
+    return convert(teacher, plan=pf).model if pf.steps else teacher
+
+
+# ---------------------------------------------------------------- search
+
+
+def search(model, data, output: str | os.PathLike, *, latency_budget: float | None = None,
+           max_drop: float | None = None, options: SearchOptions | None = None, val_data=None,
+           cache: str | os.PathLike | None = None, refresh: bool = False, resume: bool = False,
+           progress: Callable[[str], None] | None = None, arch: str | None = None, num_classes: int | None = None,
+           trust_pickle: bool = False) -> SearchResult:
+    """Search a plan for ``model`` (an original checkpoint path, module or Loaded) under ``latency_budget`` (a
+    fraction of the original's measured latency on ``options.target``) or ``max_drop`` (accuracy points), convert
+    it, recover it (local, then global distillation), verify it, and write the files listed in the module
+    docstring under ``output``."""
+    from repconv.checkpoint import load_checkpoint, save
+    from repconv.io import write_text_atomic
+    from repconv.train.loop import TrainConfig, fit
+
+    options = options or SearchOptions()
+    say = progress or (lambda _m: None)
+    started = time.perf_counter()
+    out = Path(output)
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"search output '{out}' is a file", "give a folder (it is created)")
+    loaded = load_checkpoint(model, arch=arch, num_classes=num_classes, trust_pickle=trust_pickle)
+    if loaded.meta.kind == "converted":
+        from repconv.errors import PlanError
+
+        raise PlanError("search starts from an original model, and this one is already converted",
+                        "give the original checkpoint")
+    teacher = loaded.model.eval()
+    meta = copy.deepcopy(loaded.meta)
+    train_set, val_set = load_data(data, val_data, meta)
+    check_target(options.target, options.device)
+    # validate the budget before any measuring (an infeasible one is only known after the table)
+    check_budget(latency_budget, max_drop)
+    out.mkdir(parents=True, exist_ok=True)
+    if not os.access(out, os.W_OK):
+        raise OutputError(f"cannot write to '{out}'", "choose another output folder")
+    seconds: dict = {}
+    t0 = time.perf_counter()
+    table_path = Path(cache) if cache is not None else out / TABLE_FILE
+    table, reused = build_table(teacher, train_set, val_set, options=options, cache=table_path, refresh=refresh,
+                                leaves=meta.plan.leaves if meta.plan else (), progress=say)
+    seconds["table"] = round(time.perf_counter() - t0, 1)
+    t0 = time.perf_counter()
+    selection = select(table, latency_budget=latency_budget, max_drop=max_drop)
+    seconds["select"] = round(time.perf_counter() - t0, 3)
+    plan = assemble_plan(table.units, selection.choice, arch=meta.arch, leaves=meta.plan.leaves if meta.plan else ())
+    say(f"selected {len(selection.choice)} of {len(table.units)} units: predicted {selection.predicted_ratio:.3f} of "
+        f"the original's latency, drop {selection.predicted_drop:.1f} points")
+    eval_batches = _images(val_set, options.eval_images, 128)
+    ckpt = out / CHECKPOINT_FILE
+    local_res: LocalResult | None = None
+    history: list[dict] = []
+    agree_local = None
+    if not plan.steps:
+        student = copy.deepcopy(teacher)
+    else:
+        from repconv.conversion import convert
+
+        done_local = False
+        if resume and ckpt.exists():
+            prior = load_checkpoint(ckpt)
+            info = prior.meta.extra.get("search", {})
+            if info.get("plan_digest") == plan.digest() and info.get("phase") in ("local", "global"):
+                student, done_local = prior.model, True
+                say("resuming after local distillation")
+        if not done_local:
+            conv = convert(loaded, plan=plan)
+            student = conv.model
+            meta = copy.deepcopy(conv.meta)
+            t0 = time.perf_counter()
+            local_opts = copy.deepcopy(options.local)
+            if options.batches_per_epoch:
+                local_opts.steps_per_epoch = options.batches_per_epoch
+            local_res = local_distill(student, teacher, train_set, plan=plan, options=local_opts,
+                                      eval_data=eval_batches, progress=progress is not None)
+            seconds["local"] = round(time.perf_counter() - t0, 1)
+            meta.extra["search"] = {"phase": "local", "plan_digest": plan.digest(), "selection": selection.to_dict(),
+                                    "table_key": table.key}
+            save(ckpt, student, meta)
+        else:
+            meta = copy.deepcopy(prior.meta)
+        agree_local = agreement(student, teacher, eval_batches)
+        if options.global_epochs > 0:
+            t0 = time.perf_counter()
+            cfg = TrainConfig(epochs=options.global_epochs, lr=options.global_lr, objective=options.global_objective,
+                              trainable="all", batch_size=options.local.batch_size, seed=options.seed,
+                              batches_per_epoch=options.batches_per_epoch)
+
+            def save_model(m: nn.Module, metrics: dict) -> None:
+                meta.extra["search"] = meta.extra.get("search", {}) | {"phase": "global",
+                                                                       "epoch": metrics.get("epoch")}
+                save(ckpt, m, meta)
+
+            res = fit(student, train_set, cfg, teacher=teacher, save_model=save_model, output=ckpt, resume=resume,
+                      progress=progress is not None)
+            history = res.history
+            seconds["global"] = round(time.perf_counter() - t0, 1)
+        student.eval()
+        meta.extra["search"] = meta.extra.get("search", {}) | {"phase": "done"}
+        save(ckpt, student, meta)
+        Path(f"{ckpt}.state.pt").unlink(missing_ok=True)  # the global stage's resume state: no longer needed
+    t0 = time.perf_counter()
+    say("verifying latency and accuracy against the prediction")
+    example = eval_batches[0][:1].expand(options.latency_batch, *eval_batches[0].shape[1:]).contiguous()
+    measured = measure_models({"original": teacher, "searched": latency_model(teacher, plan)}, example,
+                              options.target, threads=options.threads, device=options.device,
+                              rounds=options.verify_rounds, block=options.latency_block,
+                              warmup=options.latency_warmup)
+    agree = agreement(student, teacher, eval_batches)
+    result = SearchResult(selection, plan.to_dict(), out, ckpt if plan.steps else None, table_path, reused,
+                          measured["original"], measured["searched"], selection.predicted_latency_ms,
+                          selection.predicted_drop, agree_local, agree, _labeled_accuracy(teacher, val_set),
+                          _labeled_accuracy(student, val_set), local_res.to_dict() if local_res else None, history)
+    seconds["verify"] = round(time.perf_counter() - t0, 1)
+    seconds["total"] = round(time.perf_counter() - started, 1)
+    result.seconds = seconds
+    try:
+        result.plot = predicted_frontier_plot(table, result, out / PLOT_FILE)
+    except ImportError:
+        result.plot = None
+    write_text_atomic(out / RESULT_FILE, json.dumps(result.to_dict(), indent=2) + "\n")
+    return result
+
+
+def predicted_frontier(table: CandidateTable, budgets: Sequence[float] | None = None) -> list[Selection]:
+    """Selections across latency budgets from the table alone (instant: only solves)."""
+    low = fastest(table).predicted_ratio
+    budgets = budgets or [low + (1 - low) * i / 10 for i in range(11)]
+    out = []
+    for b in budgets:
+        try:
+            out.append(select(table, latency_budget=b))
+        except Exception:  # below the fastest plan
+            continue
+    return out
+
+
+def predicted_frontier_plot(table: CandidateTable, result: SearchResult, path: Path) -> Path:
+    from repconv.search.pareto import Point, plot
+
+    pts = [Point(f"{s.predicted_ratio:.2f}", "predicted", s.predicted_latency_ms, 1 - s.predicted_drop / 100)
+           for s in predicted_frontier(table)]
+    pts.append(Point("original", "original", result.base_latency_ms, 1.0))
+    if result.agreement is not None:
+        pts.append(Point("searched", "searched", result.measured_latency_ms, result.agreement,
+                         result.predicted_latency_ms, result.predicted_drop))
+    return plot(pts, path, title=f"{table.target}: agreement with the original vs latency")

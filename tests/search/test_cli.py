@@ -1,0 +1,26 @@
+"""`repconv search` from the command line: bad input is one line, exit 2, nothing written."""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.mark.parametrize("extra, expected", [
+    ([], "--latency-budget and the maximum drop: give exactly one of the two"),
+    (["--latency-budget", "0.8", "--max-drop", "1"], "give exactly one"),
+    (["--latency-budget", "-1"], "--latency-budget -1.0 is not a positive fraction"),
+    (["--latency-budget", "0.8", "--target", "gpu-magic"], "--target gpu-magic is not a known target"),
+])
+def test_search_bad_input(run_cli, small_checkpoint, tmp_path, extra, expected):
+    code, out, err = run_cli("search", small_checkpoint, "--data", "digits", "-o", tmp_path / "out", *extra)
+    assert code == 2 and out == "" and err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
+    assert expected in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_search_empty_data_folder(run_cli, small_checkpoint, tmp_path):
+    (tmp_path / "empty").mkdir()
+    code, _, err = run_cli("search", small_checkpoint, "--data", tmp_path / "empty", "-o", tmp_path / "out",
+                           "--latency-budget", "0.8")
+    assert code == 2 and "no usable image" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()

@@ -1,0 +1,88 @@
+"""search() end to end on the digits model in a quick mode: table, selection, conversion, local + global recovery,
+verification; the cache reused and invalidated; the result folds, exports and passes ONNX parity; bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import repconv
+from repconv.errors import DataError, DependencyError, InputFileError, OptionError, PlanError
+from repconv.search.damage import DamageOptions
+from repconv.search.run import SearchOptions, search
+from repconv.train.local import LocalOptions
+
+
+def quick(**kw) -> SearchOptions:
+    base = {"damage": DamageOptions(steps=2, batch_size=32), "train_images": 64, "eval_images": 64,
+            "latency_rounds": 1, "latency_block": 3, "latency_warmup": 1, "verify_rounds": 1,
+            "local": LocalOptions(epochs=1, batch_size=32), "global_epochs": 1, "batches_per_epoch": 2,
+            "units": ("layer3.*",), "kinds": ("pf-avg", "pf-max")}
+    return SearchOptions(**(base | kw))
+
+
+@pytest.fixture(scope="module")
+def searched(digits_checkpoint, tmp_path_factory):
+    out = tmp_path_factory.mktemp("search")
+    return out, search(digits_checkpoint, "digits", out, max_drop=100.0, options=quick())
+
+
+def test_search_end_to_end(searched):
+    out, res = searched
+    assert res.selection.choice and not res.table_reused
+    assert set(res.seconds) >= {"table", "select", "local", "global", "verify"}
+    for name in ("candidates.json", "search.json", "searched.repconv.safetensors", "pareto.png"):
+        assert (out / name).is_file(), name
+    assert not (out / "searched.repconv.safetensors.state.pt").exists()
+    saved = json.loads((out / "search.json").read_text())
+    assert saved["selection"]["choice"] == res.selection.choice
+    assert 0 <= saved["measured_drop"] <= 100 and saved["latency_error"] == pytest.approx(res.latency_error)
+    assert res.measured_latency_ms > 0 and res.base_latency_ms > 0
+    loaded = repconv.load_checkpoint(out / "searched.repconv.safetensors")
+    assert loaded.meta.kind == "converted" and loaded.meta.extra["search"]["phase"] == "done"
+    assert len(loaded.meta.plan.steps) == len(res.plan["steps"])
+
+
+def test_cache_reused_and_invalidated(searched, digits_checkpoint, tmp_path):
+    out, _ = searched
+    cache = out / "candidates.json"
+    again = search(digits_checkpoint, "digits", tmp_path / "b", max_drop=0.0, options=quick(global_epochs=0),
+                   cache=cache)
+    assert again.table_reused and again.selection.predicted_drop == 0.0
+    stamp = cache.stat().st_mtime_ns
+    with pytest.raises(InputFileError, match="another model, data, target or settings"):
+        search(digits_checkpoint, "digits", tmp_path / "c", max_drop=1.0,
+               options=quick(damage=DamageOptions(steps=3, batch_size=32)), cache=cache)
+    assert cache.stat().st_mtime_ns == stamp and not (tmp_path / "c" / "searched.repconv.safetensors").exists()
+
+
+def test_searched_checkpoint_folds_and_exports(searched, tmp_path):
+    out, _ = searched
+    ckpt = out / "searched.repconv.safetensors"
+    folded = repconv.fold(ckpt, output=tmp_path / "folded.repconv.safetensors")
+    assert folded.output.is_file() and folded.parity.max_rel < 1e-5
+    exported = repconv.export(ckpt, tmp_path / "searched.onnx", exporter="legacy")
+    assert exported.path.is_file() and exported.verified
+    assert exported.checks and all(c.passed for c in exported.checks)
+
+
+def test_bad_input(digits_checkpoint, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(DataError):
+        search(digits_checkpoint, empty, tmp_path / "o1", max_drop=1.0, options=quick())
+    with pytest.raises(DependencyError, match="CUDAExecutionProvider"):
+        search(digits_checkpoint, "digits", tmp_path / "o2", max_drop=1.0, options=quick(target="ort-cuda"))
+    with pytest.raises(OptionError):
+        search(digits_checkpoint, "digits", tmp_path / "o3", options=quick())
+    for o in ("o1", "o2", "o3"):
+        assert not (tmp_path / o).exists()
+
+
+def test_infeasible_budget(searched, digits_checkpoint, tmp_path):
+    out, _ = searched
+    with pytest.raises(PlanError, match=r"fastest plan .* predicted drop"):
+        search(digits_checkpoint, "digits", tmp_path / "o", latency_budget=0.01, options=quick(),
+               cache=out / "candidates.json")
+    assert not (tmp_path / "o" / "searched.repconv.safetensors").exists()
