@@ -220,14 +220,14 @@ def convert(model: ModelLike, *, arch: str | None = None, num_classes: int | Non
                              remap_rules=remap_rules)
     if loaded.meta.kind == "converted":
         raise PlanError("the model is already converted", "convert the original checkpoint instead")
-    if output is not None and loaded.meta.arch is None:  # before the work: saving would need it
-        raise OptionError("arch", None, f"is needed to save the conversion of '{loaded.path or 'the model'}', a "
-                          "pickled module whose architecture repconv cannot name", "give its name, e.g. resnet50")
     original = loaded.model.eval()
     meta = loaded.meta.with_input(input_size, mean, std)
     plan = o.plan if isinstance(o.plan, Plan) or o.plan is None else Plan.load(o.plan)
     leaves = list(plan.leaves if plan is not None and plan.leaves else o.leaves)
     gm = trace(copy.deepcopy(original), leaves)  # first, so an untraceable model is reported as such
+    if output is not None and loaded.meta.arch is None:  # before the work: saving would need it
+        raise OptionError("arch", None, f"is needed to save the conversion of '{loaded.path or 'the model'}', a "
+                          "pickled module whose architecture repconv cannot name", "give its name, e.g. resnet50")
     propagate_shapes(gm, example_input(meta.input_size, batch=1))
     if plan is not None:
         plan.leaves = leaves

@@ -10,10 +10,14 @@ from typing import NamedTuple
 
 import torch
 from torch import nn
+from torchvision.models.resnet import Bottleneck
 
 import repconv
+from repconv.convert.plan import ParameterFreeStep, ReplaceStep
 from repconv.data import digits
 from repconv.models import resolve_arch
+from repconv.search.candidates import KEEP, Candidate, UnitCandidates
+from repconv.search.table import CandidateTable, Figures
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS_ARCH = "cifar_resnet20"
@@ -109,3 +113,43 @@ def has_replaceable_unit(model: nn.Module) -> bool:
     from repconv.convert.graph import find_runs
 
     return any(run.interior for run in find_runs(model))
+
+
+class TinyBottleneckNet(nn.Module):
+    """stem -> 4 bottlenecks (the 2nd downsamples) -> head: parameter-free targets and a replaceable run."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+        down = nn.Sequential(nn.Conv2d(16, 16, 1, stride=2, bias=False), nn.BatchNorm2d(16))
+        self.layer = nn.Sequential(Bottleneck(16, 4), Bottleneck(16, 4, stride=2, downsample=down),
+                                   Bottleneck(16, 4), Bottleneck(16, 4), Bottleneck(16, 4))
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 5))
+
+    def forward(self, x):
+        return self.head(self.layer(self.stem(x)))
+
+
+# unit -> {candidate: (latency delta ms, damage points)}
+SPEC = {
+    "u0": {"pf-max": (-3.0, 2.0), "pf-avg": (-2.5, 0.5)},
+    "u1": {"pf-max": (-4.0, 6.0), "hybrid": (-1.0, 0.2)},
+    "u2": {"pf-max": (-2.0, 1.0), "slow": (+1.0, 0.0)},
+    "u3": {"pf-max": (-1.5, 3.0)},
+}
+BASE = 20.0
+
+
+def make_table(spec=SPEC, neighbours=None) -> CandidateTable:
+    units, figures = [], {}
+    for unit, cands in spec.items():
+        cs = [Candidate(unit, KEEP)]
+        for name, (delta, damage) in cands.items():
+            step = (ReplaceStep(unit, *neighbours[unit]) if name == "replace"
+                    else ParameterFreeStep(f"{unit}.conv", "pool", "max"))
+            c = Candidate(unit, name, [step])
+            cs.append(c)
+            figures[c.key] = Figures(damage=damage, latency_delta_ms=delta)
+        units.append(UnitCandidates(unit, cs, {"prev": neighbours[unit][0], "next": neighbours[unit][1]}
+                                    if neighbours and unit in neighbours else {}))
+    return CandidateTable("k", "ort-cpu", BASE, units, figures)

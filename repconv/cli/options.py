@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from repconv.options import Amp, Backend, BnStats, Device, Keep
+from repconv.options import Amp, Backend, BnStatsChoice, Device, Keep
 
 ModelArg = Annotated[Path, typer.Argument(help="checkpoint: a state_dict (.pt/.pth/.bin), .safetensors or a "
                                           "repconv file (recognised by content)")]
@@ -52,9 +52,10 @@ AccumOpt = Annotated[int, typer.Option("--accum", help="gradient accumulation st
 AmpOpt = Annotated[Amp, typer.Option("--amp", help="auto (fp16/bf16 on CUDA, off on CPU) | on | off")]
 WarmupOpt = Annotated[float, typer.Option("--warmup-epochs", help="linear warmup, then cosine decay")]
 WorkersOpt = Annotated[int, typer.Option("--workers", help="DataLoader worker processes")]
-BnStatsOpt = Annotated[BnStats, typer.Option("--bn-stats", help="BatchNorm running statistics: freeze (kept; "
-                                             "affine still trains) | update (every step) | recalibrate (re-estimated "
-                                             "once, then frozen)")]
+BnStatsOpt = Annotated[BnStatsChoice, typer.Option("--bn-stats", help="BatchNorm running statistics: freeze "
+                                                   "(kept; affine still trains) | update (every step) | recalibrate "
+                                                   "(re-estimated once, then frozen) | auto (freeze, or update for "
+                                                   "parameter-free conversions)")]
 KeepOpt = Annotated[Keep, typer.Option("--keep", help="weights written: best (best epoch, or the input when no "
                                        "epoch beats it) | best_epoch | last")]
 HoldoutOpt = Annotated[float, typer.Option("--holdout", help="without --val-data, this fraction of the images is "

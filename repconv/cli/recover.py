@@ -93,7 +93,7 @@ def finetune(model: ModelArg, data: DataOpt, output: OutOpt, teacher: TeacherOpt
              temperature: Annotated[float, typer.Option("--temperature", help="distillation temperature")] = 2.0,
              alpha: Annotated[float, typer.Option("--alpha", help="label-loss weight in 'both'")] = 0.5,
              amp: AmpOpt = "auto", seed: SeedOpt = 0, workers: WorkersOpt = 0, batches_per_epoch: BatchesOpt = None,
-             bn_stats: BnStatsOpt = "freeze", keep: KeepOpt = "best", holdout: HoldoutOpt = 0.15,
+             bn_stats: BnStatsOpt = "auto", keep: KeepOpt = "best", holdout: HoldoutOpt = 0.15,
              input_size: SizeOpt = None, mean: MeanOpt = None, std: StdOpt = None, resume: ResumeOpt = False,
              trust_pickle: TrustOpt = False, as_json: JsonOpt = False) -> None:
     """Recover a converted model with labels, distillation from the original, or both (torchrun-ready)."""

@@ -30,7 +30,7 @@ from repconv.convert.measure import kl_to_teacher
 from repconv.convert.replacement import replaced_units
 from repconv.errors import InputFileError, OptionError
 from repconv.io import atomic_path
-from repconv.options import Amp, BnStats, Keep, Objective, Optimizer, Trainable, check_choices
+from repconv.options import Amp, BnStatsChoice, Keep, Objective, Optimizer, Trainable, check_choices
 from repconv.progress import progress
 from repconv.train.recovery import (
     HOLDOUT_FRACTION,
@@ -68,7 +68,7 @@ class TrainConfig:
     label_smoothing: float = 0.0
     # BatchNorm running statistics while training (repconv.train.recovery): finetune of a pretrained model
     # should pass "freeze"; "update" (PyTorch's train mode) is what training from scratch needs.
-    bn_stats: BnStats = "update"
+    bn_stats: BnStatsChoice = "update"  # "auto" is resolved by the stage (finetune); the loop alone reads it as update
     # What is written: "best" = the best epoch by the validation metric, or the input when no epoch beats it
     # (never worse); "best_epoch" = the best epoch (input not a candidate); "last" = the last epoch.
     keep: Keep = "last"

@@ -23,12 +23,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-# The defaults chosen by measurement (benchmarks/bn_stats_recovery.py, docs/results.md): recovery of a
-# pretrained model freezes the statistics and never writes a model worse than its input; training from
-# scratch updates them and writes the last epoch (the papers' protocol).
-DEFAULTS = {"finetune": {"bn_stats": "freeze", "keep": "best"},
-            "train": {"bn_stats": "update", "keep": "last"},
-            "calibrate": {"bn_stats": "recalibrate"}}
+# The defaults, chosen by measurement (benchmarks/bn_stats_recovery.py, docs/results.md 2.6), are
+# repconv.train.recover.FINETUNE_DEFAULTS / TRAIN_DEFAULTS and CalibrateOptions.
 HOLDOUT_FRACTION = 0.15  # of unlabeled training data, held out to measure agreement when there is no val set
 HOLDOUT_MAX = 1000
 HOLDOUT_MIN = 16  # fewer held-out images than this measure nothing: no split
@@ -47,7 +43,7 @@ def stat_norms(model: nn.Module) -> list[nn.Module]:
 
 def apply_bn_mode(model: nn.Module, bn_stats: str) -> None:
     """Call after ``model.train()``: with freeze / recalibrate, put the statistics-holding norms back in eval."""
-    if bn_stats != "update":
+    if bn_stats in ("freeze", "recalibrate"):
         for m in stat_norms(model):
             m.eval()
 

@@ -72,7 +72,7 @@ def test_python_builder_resolves_from_cwd_and_restores_sys_path(user_package):
 @pytest.mark.parametrize(("suffix", "match"), [
     ("nosuchmodule:build", r"cannot import '.*nosuchmodule'.*no module named '.*nosuchmodule'"),
     ("needs_dep:build", "no module named 'no_such_dependency_xyz'"),
-    ("broken:build", "importing '.*broken' for --arch .* failed: RuntimeError: this module cannot be imported;"),
+    ("broken:build", "importing '.*broken' for arch .* failed: RuntimeError: this module cannot be imported;"),
     ("models:missing", "has no attribute 'missing'; its callables are: .*build"),
     ("models:NOT_CALLABLE", "is a int, not a callable"),
 ])

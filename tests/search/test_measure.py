@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import TinyBottleneckNet, randomize_bn
 
 from repconv.errors import DependencyError, OptionError
 from repconv.search.candidates import enumerate_candidates
 from repconv.search.damage import DamageOptions, build_views, measure_damage
 from repconv.search.latency import check_target, measure_models, measure_unit_deltas
-from tests.conftest import randomize_bn
-from tests.train.test_local import TinyBottleneckNet
 
 
 @pytest.fixture

@@ -5,36 +5,11 @@ from __future__ import annotations
 import itertools
 
 import pytest
+from helpers import BASE, SPEC, make_table
 
-from repconv.convert.plan import ParameterFreeStep, ReplaceStep
 from repconv.errors import OptionError, PlanError
-from repconv.search.candidates import KEEP, Candidate, UnitCandidates, assemble_plan
+from repconv.search.candidates import KEEP, assemble_plan
 from repconv.search.select import fastest, select
-from repconv.search.table import CandidateTable, Figures
-
-# unit -> {candidate: (latency delta ms, damage points)}
-SPEC = {
-    "u0": {"pf-max": (-3.0, 2.0), "pf-avg": (-2.5, 0.5)},
-    "u1": {"pf-max": (-4.0, 6.0), "hybrid": (-1.0, 0.2)},
-    "u2": {"pf-max": (-2.0, 1.0), "slow": (+1.0, 0.0)},
-    "u3": {"pf-max": (-1.5, 3.0)},
-}
-BASE = 20.0
-
-
-def make_table(spec=SPEC, neighbours=None) -> CandidateTable:
-    units, figures = [], {}
-    for unit, cands in spec.items():
-        cs = [Candidate(unit, KEEP)]
-        for name, (delta, damage) in cands.items():
-            step = (ReplaceStep(unit, *neighbours[unit]) if name == "replace"
-                    else ParameterFreeStep(f"{unit}.conv", "pool", "max"))
-            c = Candidate(unit, name, [step])
-            cs.append(c)
-            figures[c.key] = Figures(damage=damage, latency_delta_ms=delta)
-        units.append(UnitCandidates(unit, cs, {"prev": neighbours[unit][0], "next": neighbours[unit][1]}
-                                    if neighbours and unit in neighbours else {}))
-    return CandidateTable("k", "ort-cpu", BASE, units, figures)
 
 
 def brute_force(spec, feasible, objective):

@@ -7,12 +7,12 @@ import json
 import pytest
 import torch
 import torchvision
+from helpers import make_table
 
 from repconv.errors import InputFileError, NothingToReplace
 from repconv.search.candidates import assemble_plan, conflicts, enumerate_candidates
 from repconv.search.pareto import Point, pareto_front, pareto_table, plot
 from repconv.search.table import data_digest, load_table, model_digest, table_key
-from tests.search.test_select import make_table
 
 
 def test_resnet50_candidates():

@@ -11,6 +11,7 @@ import json
 
 import pytest
 import torch
+from helpers import randomize_bn
 from torch import nn
 from torch.utils.data import TensorDataset
 
@@ -20,8 +21,7 @@ from repconv.data import digits
 from repconv.models import resolve_arch
 from repconv.train.calibrate import calibrate_units
 from repconv.train.loop import TrainConfig, fit
-from repconv.train.recovery import DEFAULTS, agreement, batch_agreement, holdout_split, predictions
-from tests.conftest import randomize_bn
+from repconv.train.recovery import agreement, batch_agreement, holdout_split, predictions
 
 
 class SmallNet(nn.Module):
@@ -53,6 +53,10 @@ def pretrained(data):
     return model.eval()
 
 
+# what finetune's default (bn_stats auto, keep best) is for a model without parameter-free steps
+PRETRAINED = {"bn_stats": "freeze", "keep": "best"}
+
+
 def _unlabeled(ds, n=None):
     x = ds.tensors[0][:n]
     return TensorDataset(x, torch.full((len(x),), -1))
@@ -60,7 +64,7 @@ def _unlabeled(ds, n=None):
 
 def _finetune_cfg(**kw):
     return TrainConfig(**{"epochs": 2, "batch_size": 32, "objective": "distill", "trainable": "all",
-                          **DEFAULTS["finetune"], **kw})
+                          **PRETRAINED, **kw})
 
 
 def test_zero_lr_finetune_under_the_default_changes_nothing(pretrained, data):
@@ -132,7 +136,7 @@ def test_a_recovery_that_would_end_worse_writes_the_input_and_says_so(pretrained
         written.append((metrics, {k: v.clone() for k, v in m.state_dict().items()}))
 
     cfg = TrainConfig(epochs=2, batch_size=32, lr=30.0, optimizer="sgd", objective="ce", trainable="all",
-                      batches_per_epoch=4, **DEFAULTS["finetune"])
+                      batches_per_epoch=4, **PRETRAINED)
     r = fit(model, data[0], cfg, val_set=data[1], save_model=save_model, output=tmp_path / "o")
     assert r.select_metric == "val_acc" and r.written == "input" and r.best_epoch == 0
     assert r.warning and "worse" in r.warning and "input model was written" in r.warning

@@ -4,28 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import TinyBottleneckNet, randomize_bn
 from torch import nn
-from torchvision.models.resnet import Bottleneck
 
 import repconv
 from repconv.errors import DataError, PlanError
 from repconv.train.local import LocalOptions, block_of, local_distill, plan_units
-from tests.conftest import randomize_bn
-
-
-class TinyBottleneckNet(nn.Module):
-    """stem -> 4 bottlenecks (the 2nd downsamples) -> head: parameter-free targets and a replaceable run."""
-
-    def __init__(self):
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
-        down = nn.Sequential(nn.Conv2d(16, 16, 1, stride=2, bias=False), nn.BatchNorm2d(16))
-        self.layer = nn.Sequential(Bottleneck(16, 4), Bottleneck(16, 4, stride=2, downsample=down),
-                                   Bottleneck(16, 4), Bottleneck(16, 4), Bottleneck(16, 4))
-        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 5))
-
-    def forward(self, x):
-        return self.head(self.layer(self.stem(x)))
 
 
 @pytest.fixture

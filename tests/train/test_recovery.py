@@ -9,11 +9,18 @@ def test_replacement_calibrate_then_distill_norm_within_one_point(digits_checkpo
     path, calibration = digits_calibrated
     teacher_acc = calibration.teacher_val_acc
     assert teacher_acc >= 0.95
+    # on the teacher's own (in-distribution) training images, updating the statistics recovers within a point
     r = repconv.finetune(path, teacher=digits_checkpoint, data="digits", objective="distill", train="norm",
-                         epochs=2, batches_per_epoch=12, batch_size=64, lr=1e-2,
+                         epochs=2, batches_per_epoch=12, batch_size=64, lr=1e-2, bn_stats="update",
                          output=tmp_path / "rl.repconv.safetensors")
     assert r.trainable_params < 0.02 * r.total_params  # scalars + norm affine + classifier only
     assert r.val_acc >= teacher_acc - 0.010, f"recovered {r.val_acc:.2%} vs original {teacher_acc:.2%}"
+    # the defaults (statistics frozen, best weights kept) never end below what calibration left
+    d = repconv.finetune(path, teacher=digits_checkpoint, data="digits", objective="distill", train="norm",
+                         epochs=2, batches_per_epoch=12, batch_size=64, lr=1e-2,
+                         output=tmp_path / "rl-default.repconv.safetensors")
+    assert d.bn_stats == "freeze" and d.keep == "best"
+    assert d.val_acc >= calibration.val_acc, f"default recovery {d.val_acc:.2%} < calibrated {calibration.val_acc:.2%}"
 
 
 def test_parameter_free_hybrid_then_both_all_within_two_points(digits_checkpoint, digits_calibrated, tmp_path):
