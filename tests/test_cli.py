@@ -194,3 +194,12 @@ def test_a_truncated_image_in_the_data_is_skipped_with_a_warning(jpegs, caplog):
         ds = make_dataset(jpegs, "train", 16, (0.5,) * 3, (0.5,) * 3, labeled=False)
     assert len(ds) == 3 and all(ds[i][0].shape == (3, 16, 16) for i in range(3))
     assert any("broken.jpg" in r.getMessage() and "truncated" in r.getMessage() for r in caplog.records)
+
+
+def test_tables_piped_to_a_file_are_not_cut(r32_file):
+    """rich cuts tables to 80 columns when stdout is not a terminal ("3.58e…"); repconv's are whole."""
+    from helpers import run_in_child
+
+    done = run_in_child("inspect", r32_file, "--arch", "cifar_resnet32")
+    assert done.returncode == 0, done.stderr
+    assert "…" not in done.stdout and max(len(line) for line in done.stdout.splitlines()) > 80

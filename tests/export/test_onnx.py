@@ -175,3 +175,17 @@ def test_parity_failure_in_python_api(digits_checkpoint, tmp_path, monkeypatch):
     with pytest.raises(VerificationError, match="nothing was written"):
         api.export(digits_checkpoint, tmp_path / "x.onnx", exporter="legacy")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_mean_and_std_overrides_reach_the_onnx_metadata(small_checkpoint, tmp_path):
+    out = tmp_path / "m.onnx"
+    api.export(small_checkpoint, out, exporter="legacy", simplify=False, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    meta = read_metadata(out)
+    assert json.loads(meta["mean"]) == [0.5, 0.5, 0.5] and json.loads(meta["std"]) == [0.5, 0.5, 0.5]
+
+
+def test_verification_sessions_do_not_spin(small_onnx):
+    """A session kept alive after a check must not burn CPU that torch needs (issue 15)."""
+    session = ort_session(small_onnx)
+    options = session.get_session_options()
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
