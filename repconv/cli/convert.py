@@ -58,16 +58,23 @@ def inspect(model: ModelArg, arch: ArchOpt = None, num_classes: NumClassesOpt = 
             max_fraction: MaxFracOpt = None, init: InitOpt = "half", neighbor_grad: NeighborGradOpt = False,
             plan: PlanOpt = None, leaves: LeafOpt = None, pf_policy: PfPolicyOpt = "all", pf_op: PfOpOpt = "max",
             pf_units: PfUnitsOpt = None, trust_pickle: TrustOpt = False, remap: RemapOpt = None,
-            remap_rules: RemapRulesOpt = None, as_json: JsonOpt = False) -> None:
+            remap_rules: RemapRulesOpt = None,
+            candidates: Annotated[Path | None, typer.Option("--candidates", help="also show a candidate table "
+                                                            "`repconv search` measured (its JSON file)")] = None,
+            as_json: JsonOpt = False) -> None:
     """What can be replaced and what the options would save (writes nothing)."""
     from repconv import api
+
+    table = api.load_table(candidates) if candidates is not None else None
 
     s = api.inspect(model, arch=arch, num_classes=num_classes, trust_pickle=trust_pickle, remap=remap,
                     remap_rules=remap_rules, options=_options(locals()))
     if as_json:
-        render.emit_json(s.to_dict())
-    else:
-        render.summary(s, f"{s.arch or model.name}: what `convert` would do")
+        render.emit_json({**s.to_dict(), "candidates": table.to_dict() if table else None})
+        return
+    render.summary(s, f"{s.arch or model.name}: what `convert` would do")
+    if table is not None:
+        render.candidates(table)
 
 
 def convert(model: ModelArg, output: OutOpt, arch: ArchOpt = None, num_classes: NumClassesOpt = None,

@@ -142,6 +142,17 @@ def _parameter_free(s) -> None:
     out.print(policies)
 
 
+def candidates(t) -> None:
+    """A candidate table `repconv search` measured: what each conversion of each unit costs and saves."""
+    cols = ("latency Δ ms", "damage (points)", "KL", "params removed")
+    rows = table(f"Candidate table ({t.target}, original {t.base_latency_ms:.2f} ms)", ["unit", "candidate", *cols],
+                 right=cols)
+    for r in t.rows():
+        rows.add_row(r["unit"], r["candidate"], f"{r['latency_delta_ms']:+.3f}", f"{r['damage']:.2f}",
+                     f"{r['kl']:.4f}", human(r["params_removed"]))
+    out.print(rows)
+
+
 # ---------------------------------------------------------------- recover
 
 

@@ -24,3 +24,14 @@ def test_search_empty_data_folder(run_cli, small_checkpoint, tmp_path):
                            "--latency-budget", "0.8")
     assert code == 2 and "no usable image" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_inspect_shows_a_candidate_table(run_cli, small_checkpoint, tmp_path):
+    from helpers import make_table
+
+    path = make_table().save(tmp_path / "table.json")
+    code, out, err = run_cli("inspect", small_checkpoint, "--candidates", path)
+    assert code == 0, err
+    assert "Candidate table (ort-cpu, original 20.00 ms)" in out and "pf-avg" in out and "-2.500" in out
+    code, _, err = run_cli("inspect", small_checkpoint, "--candidates", tmp_path / "missing.json")
+    assert code == 2 and "does not exist" in err
