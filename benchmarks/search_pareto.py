@@ -24,11 +24,11 @@ import torch
 from paper_common import err, finish, machine, save_partial
 
 import repconv
+from repconv.data import digits
 from repconv.search.damage import DamageOptions
 from repconv.search.latency import measure_models
 from repconv.search.pareto import Point, pareto_table, plot
 from repconv.search.run import SearchOptions, agreement, latency_model, search
-from repconv.data import digits
 from repconv.train.local import LocalOptions, blockwise_recovery
 from repconv.train.loop import TrainConfig, evaluate
 
