@@ -40,23 +40,13 @@ IDLE_WINDOWS = (0.01, 0.1, 1.0)  # seconds slept after an ORT run while the proc
 
 
 def _sessions(onnx_path: str, spin: bool, count: int, threads: int):
-    """``count`` sessions as export's checks open them (repconv's own builder; spinning off on request)."""
+    """``count`` sessions as export's checks open them: repconv's own builder, spinning as ONNX Runtime's default
+    (before the fix) or off (after: what ``ort_session`` now does for verification)."""
     import numpy as np
-    import onnxruntime as ort
 
     from repconv.onnx_graph import ort_session
 
-    sessions = []
-    for _ in range(count):
-        if spin:
-            s = ort_session(onnx_path, "all", threads=threads)
-        else:
-            options = ort.SessionOptions()
-            options.intra_op_num_threads = threads
-            options.log_severity_level = 3
-            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-            s = ort.InferenceSession(onnx_path, options, providers=["CPUExecutionProvider"])
-        sessions.append(s)
+    sessions = [ort_session(onnx_path, "all", threads=threads, spinning=spin) for _ in range(count)]
     feed = {sessions[0].get_inputs()[0].name: np.random.default_rng(0).standard_normal((32, 3, 32, 32), np.float32)}
     for s in sessions:
         for _ in range(3):
