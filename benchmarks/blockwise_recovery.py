@@ -9,7 +9,13 @@ backward), so it counts as one epoch of the budget. Arms per converted form:
 * ``ce``: 10 epochs on labels (2.3c's recovery);
 * ``kd``: 10 epochs of logits distillation from the original (today's logits-only recovery);
 * ``local+kd``: ``--local-epochs`` of local distillation, then the rest of the budget as ``kd``;
-* ``local+both``: the same, the global stage on labels + logits (``objective both``, alpha 0.5).
+* ``local+both``: the same, the global stage on labels + logits (``objective both``, alpha 0.5);
+* ``refit+kd``: the least-squares refit (``repconv.train.refit``, ``--refit-batches`` batches, counted as one epoch
+  of the budget), then the rest of the budget as ``kd``; ``refit+ce`` and ``refit+both``: the same on labels, or
+  labels + logits (for a teacher much weaker than its fine-tuned control).
+
+An arm may carry its own global learning rate, ``ARM@LR`` (``kd@3e-3``); the control is fine-tuned once per
+``--control-lrs`` value (default: ``--lr``), and every drop is against the best of those controls.
 
 ``--parts memory`` measures peak RSS of local distillation against global fine-tuning (resnet50 pf-hybrid,
 same batch, fresh processes, like finetune_memory.py). Every figure is stored with the 1-min load average at
@@ -36,8 +42,9 @@ import repconv
 from repconv.data import digits
 from repconv.train.local import LocalOptions, local_distill
 from repconv.train.loop import TrainConfig, evaluate, fit
+from repconv.train.refit import least_squares_refit
 
-ARMS = ("ce", "kd", "local+kd", "local+both")
+ARMS = ("ce", "kd", "local+kd", "local+both", "refit+ce", "refit+kd", "refit+both")
 DEFAULT_FORMS = {"resnet50": ["hybrid", "all"], "mobilenet_v2": ["hybrid"]}
 
 
@@ -45,15 +52,32 @@ def load1() -> float:
     return round(os.getloadavg()[0], 2)
 
 
-def _cfg(args, epochs: int, objective: str) -> TrainConfig:
-    return TrainConfig(epochs=epochs, batch_size=args.batch_size, lr=args.lr, optimizer="adamw", objective=objective,
-                       trainable="all", batches_per_epoch=args.batches_per_epoch, seed=0)
+def _cfg(args, epochs: int, objective: str, lr: float | None = None) -> TrainConfig:
+    return TrainConfig(epochs=epochs, batch_size=args.batch_size, lr=lr or args.lr, optimizer="adamw",
+                       objective=objective, trainable="all", batches_per_epoch=args.batches_per_epoch, seed=0)
 
 
-def run_arm(arm: str, student, teacher, train_set, val_set, args) -> dict:
+def parse_arm(text: str) -> tuple[str, float | None]:
+    arm, _, lr = text.partition("@")
+    if arm not in ARMS:
+        raise SystemExit(f"unknown arm '{arm}': use one of {', '.join(ARMS)} (optionally @LR)")
+    return arm, float(lr) if lr else None
+
+
+def run_arm(spec: str, student, teacher, train_set, val_set, args) -> dict:
     started = time.perf_counter()
-    row: dict = {"arm": arm, "loadavg_1m_start": load1()}
+    arm, lr = parse_arm(spec)
+    row: dict = {"arm": arm, "lr": lr or args.lr, "loadavg_1m_start": load1()}
     global_epochs = args.budget
+    if arm.startswith("refit"):
+        res = least_squares_refit(student, teacher, train_set, batches=args.refit_batches,
+                                  batch_size=args.batch_size)
+        row["refit"] = {"mean_error_before": res.mean_error_before, "mean_error_after": res.mean_error_after,
+                        "seconds": res.seconds, "images": res.images, "skipped": res.skipped,
+                        "sites": [{"module": x.module, "kind": x.kind, "before": round(x.error_before, 4),
+                                   "after": round(x.error_after, 4)} for x in res.sites]}
+        row["val_acc_after_refit"] = evaluate(student, val_set)
+        global_epochs -= 1
     if arm.startswith("local"):
         opts = LocalOptions(epochs=args.local_epochs, batch_size=args.batch_size, lr=args.local_lr,
                             steps_per_epoch=args.batches_per_epoch, pf_train=args.pf_train, bn_stats=args.bn_stats)
@@ -64,9 +88,10 @@ def run_arm(arm: str, student, teacher, train_set, val_set, args) -> dict:
                                   for u in res.units]}
         row["val_acc_after_local"] = evaluate(student, val_set)
         global_epochs -= args.local_epochs
-    objective = {"ce": "ce", "kd": "distill", "local+kd": "distill", "local+both": "both"}[arm]
+    objective = {"ce": "ce", "kd": "distill", "local+kd": "distill", "local+both": "both", "refit+ce": "ce",
+                 "refit+kd": "distill", "refit+both": "both"}[arm]
     if global_epochs > 0:
-        res = fit(student, train_set, _cfg(args, global_epochs, objective), val_set=val_set,
+        res = fit(student, train_set, _cfg(args, global_epochs, objective, lr), val_set=val_set,
                   teacher=teacher if objective != "ce" else None)
         row["history"] = [{k: h.get(k) for k in ("epoch", "train_loss", "val_acc", "seconds")} for h in res.history]
     row["val_acc"] = evaluate(student, val_set)
@@ -92,9 +117,13 @@ def accuracy(arch: str, forms: list[str], args, out: dict, tmp: Path, on_progres
     train_set = digits("train", args.size, meta.mean, meta.std)
     val_set = digits("val", args.size, meta.mean, meta.std)
     out["original"] = {"val_acc": evaluate(teacher, val_set), "loadavg_1m": load1()}
-    control = copy.deepcopy(teacher)
-    fit(control, train_set, _cfg(args, args.budget, "ce"), val_set=val_set)
-    out["original"]["val_acc_finetuned"] = evaluate(control, val_set)
+    out["original"]["controls"] = []
+    for lr in args.control_lrs or [args.lr]:
+        control = copy.deepcopy(teacher)
+        fit(control, train_set, _cfg(args, args.budget, "ce", lr), val_set=val_set)
+        out["original"]["controls"].append({"lr": lr, "val_acc": evaluate(control, val_set), "loadavg_1m": load1()})
+        err.print(f"{arch}: control at lr {lr}: {out['original']['controls'][-1]['val_acc']:.2%}")
+    out["original"]["val_acc_finetuned"] = max(c["val_acc"] for c in out["original"]["controls"])
     out["original"]["loadavg_1m_finetuned"] = load1()
     err.print(f"{arch}: original {out['original']['val_acc']:.2%}, fine-tuned {args.budget} epochs "
               f"{out['original']['val_acc_finetuned']:.2%}")
@@ -175,7 +204,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--parts", nargs="+", default=["accuracy", "memory"], choices=["accuracy", "memory"])
     ap.add_argument("--archs", nargs="+", default=list(DEFAULT_FORMS))
-    ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
+    ap.add_argument("--arms", nargs="+", default=list(ARMS), help=f"of {', '.join(ARMS)}, each optionally @LR")
     ap.add_argument("--forms", nargs="+", default=None, help="parameter-free policies (default: per arch)")
     ap.add_argument("--size", type=int, default=32)
     ap.add_argument("--pretrain-epochs", type=int, default=10)
@@ -187,6 +216,8 @@ def main() -> None:
     ap.add_argument("--pf-train", default="all", choices=["all", "norm"])
     ap.add_argument("--bn-stats", default="freeze", choices=["freeze", "update", "recalibrate"])
     ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--control-lrs", type=float, nargs="+", default=None)
+    ap.add_argument("--refit-batches", type=int, default=4)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--batches-per-epoch", type=int, default=None)
     ap.add_argument("--mem-batch", type=int, default=32)

@@ -68,7 +68,8 @@ def calibrate(model: ModelArg, data: DataOpt, output: OutOpt, teacher: TeacherOp
                                                            "fit to measure agreement with the teacher")] = 4,
               input_size: SizeOpt = None, mean: MeanOpt = None, std: StdOpt = None, seed: SeedOpt = 0,
               trust_pickle: TrustOpt = False, as_json: JsonOpt = False) -> None:
-    """Fit each replaced unit's scalars (a, b) to the original unit's outputs on a few batches."""
+    """Fit each replaced unit's scalars (a, b), and refit the layer after each parameter-free pool, to the
+    original model on a few batches."""
     from repconv import api
     from repconv.options import from_values
 

@@ -162,11 +162,21 @@ def calibration(r) -> None:
         for d in sorted(r.damage, key=lambda d: d["kl"]):
             dt.add_row(d["unit"], f"{d['kl']:.4g}", "yes" if d["unit"] in r.selected else "no")
         out.print(dt)
-    t = table(f"Calibrated on {r.batches} batches ({r.images} images) -> {r.output}", ["unit", "a", "b"],
-              right=("a", "b"))
-    for u in r.units:
-        t.add_row(u["unit"], f"{u['a_before']:.4f} -> {u['a']:.4f}", f"{u['b_before']:.4f} -> {u['b']:.4f}")
-    out.print(t)
+    if r.refit:
+        rt = table(f"Least-squares refit on {r.batches} batches ({r.images} images): relative error of each layer",
+                   ["after the step", "layer fitted", "kind", "error"], right=("error",))
+        for site in r.refit["sites"]:
+            rt.add_row(site["step"], site["module"], site["kind"],
+                       f"{site['error_before']:.3f} -> {site['error_after']:.3f}")
+        out.print(rt)
+        for step in r.refit["skipped"]:
+            warn(f"'{step}': no linear layer reads it directly, so it was not refitted")
+    if r.units:
+        t = table(f"Calibrated on {r.batches} batches ({r.images} images) -> {r.output}", ["unit", "a", "b"],
+                  right=("a", "b"))
+        for u in r.units:
+            t.add_row(u["unit"], f"{u['a_before']:.4f} -> {u['a']:.4f}", f"{u['b_before']:.4f} -> {u['b']:.4f}")
+        out.print(t)
     out.print(f"KL(teacher || model) on the calibration batches: {r.kl_before:.4g} -> {r.kl_after:.4g}"
               + (" (no better: the model was left as it came)" if r.kept_input else ""))
     held = (f", held-out ({r.heldout_images} images) {pct(r.heldout_agreement_before)} -> "

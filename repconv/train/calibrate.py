@@ -14,6 +14,9 @@ synthesized weights (cumulative average over the calibration batches); ``"update
 is no step-by-step stream of statistics to follow). With ``"freeze"`` the original unit's statistics are
 kept and the fit runs in eval mode. Norms outside replaced units are never touched.
 
+A parameter-free plan has no scalars; :func:`refit_layers` instead solves, in closed form, the layer that reads
+each new pool (:mod:`repconv.train.refit`), and keeps the result only where it lowers the same KL.
+
 Agreement with the teacher (top-1) is measured on the calibration batches and, when given, on held-out
 batches: with unlabeled data it is the only honest measure of what calibration did.
 """
@@ -22,7 +25,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
@@ -30,6 +33,7 @@ from torch import nn
 from repconv.convert.measure import STARTS, batch_stats, mean_kl, teacher_logits
 from repconv.convert.replacement import replaced_units
 from repconv.options import BnStats, check_choice
+from repconv.train.refit import least_squares_refit
 
 _BN = nn.modules.batchnorm._BatchNorm
 
@@ -55,6 +59,7 @@ class Calibration:
     heldout_images: int = 0
     bn_stats: str = "recalibrate"
     kept_input: bool = False  # the fit did not lower the KL, so the input was kept
+    refit: dict | None = None  # parameter-free plans: the least-squares refit (repconv.train.refit.RefitResult)
 
 
 # ---------------------------------------------------------------- calibration
@@ -141,3 +146,29 @@ def calibrate_units(model: nn.Module, teacher: nn.Module, batches: Sequence[torc
     return Calibration(fits, kl_before, kl_after, agree_before, _agreement(model, batches, t_logits), h_before,
                        _agreement(model, heldout, h_logits) if heldout else None,
                        sum(len(x) for x in heldout) if heldout else 0, bn_stats, kept_input)
+
+
+def refit_layers(model: nn.Module, teacher: nn.Module, batches: Sequence[torch.Tensor],
+                 heldout: Sequence[torch.Tensor] | None = None, ridge: float = 1e-3) -> Calibration:
+    """Least-squares refit of the layers that read each parameter-free op of ``model`` (in place), kept only if it
+    lowers KL(teacher || model) on ``batches``; agreement with the teacher is reported as for the scalars."""
+    t_logits = teacher_logits(teacher, batches)
+    h_logits = teacher_logits(teacher, heldout) if heldout else None
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    model.eval()
+    with torch.no_grad():
+        kl_before = float(mean_kl(model, batches, t_logits))
+    agree_before = _agreement(model, batches, t_logits)
+    h_before = _agreement(model, heldout, h_logits) if heldout else None
+    res = least_squares_refit(model, teacher, list(batches), batches=len(batches), ridge=ridge)
+    with torch.no_grad():
+        kl_after = float(mean_kl(model, batches, t_logits))
+    kept_input = not kl_after <= kl_before
+    if kept_input:  # never leave the model worse on the data it was fitted to
+        model.load_state_dict(saved)
+        kl_after = kl_before
+    return Calibration([], kl_before, kl_after, agree_before, _agreement(model, batches, t_logits), h_before,
+                       _agreement(model, heldout, h_logits) if heldout else None,
+                       sum(len(x) for x in heldout) if heldout else 0, "refit", kept_input,
+                       asdict(res) | {"mean_error_before": res.mean_error_before,
+                                      "mean_error_after": res.mean_error_after})

@@ -27,7 +27,7 @@ from repconv.data import calibration_batches
 from repconv.errors import ArchError, DataError, InputFileError, NothingToReplace, OptionError, OutputError
 from repconv.models import resolve_arch
 from repconv.options import BnStats, CalibrateSelect, check_choices, with_overrides
-from repconv.train.calibrate import calibrate_units
+from repconv.train.calibrate import Calibration, calibrate_units, refit_layers
 from repconv.train.data import check_classes, data_spec, datasets, num_outputs
 from repconv.train.loop import TrainConfig, dist_env, evaluate, fit, metrics_path_for, state_path_for
 
@@ -136,6 +136,7 @@ class CalibrationResult:
     heldout_agreement_after: float | None = None
     heldout_images: int = 0
     kept_input: bool = False  # the fit did not lower the KL: the model was left as it came
+    refit: dict | None = None  # parameter-free steps: the least-squares refit of the layers after each pool
     output: Path | None = None
 
     def to_dict(self) -> dict:
@@ -148,7 +149,8 @@ def calibrate(model: ModelLike, *, teacher: ModelLike | None, data: str | os.Pat
               input_size=None, mean=None, std=None, trust_pickle: bool = False,
               progress: Callable[[str], None] | None = None, options: CalibrateOptions | None = None,
               **overrides) -> CalibrationResult:
-    """Fit each replaced unit's (a, b) to the teacher unit's outputs on a few batches (function space).
+    """Fit each replaced unit's (a, b) to the teacher unit's outputs on a few batches (function space), and
+    refit by least squares the layer that reads each parameter-free pool (:mod:`repconv.train.refit`).
 
     ``options`` (or keyword overrides: ``batches``, ``batch_size``, ``select``, ``budget``, ``max_iter``,
     ``seed``). ``select="measured"`` keeps only the ``budget`` least harmful of the model's replaced units
@@ -158,9 +160,15 @@ def calibrate(model: ModelLike, *, teacher: ModelLike | None, data: str | os.Pat
     o = with_overrides(CalibrateOptions, options, overrides)
     say = timed(progress)
     loaded = load_checkpoint(model, trust_pickle=trust_pickle)
-    if not replaced_units(loaded.model):
-        raise NothingToReplace(f"'{loaded.path or 'the model'}' has no replaced unit, so there is nothing to calibrate",
-                               "convert with the replacement (or both) method first")
+    replaced = bool(replaced_units(loaded.model))
+    pools = loaded.meta.plan is not None and any(s.form in ("pool", "avgpool_conv")
+                                                 for s in loaded.meta.plan.parameter_free_steps)
+    if not replaced and not pools:
+        raise NothingToReplace(f"'{loaded.path or 'the model'}' has no replaced unit and no parameter-free pool, so "
+                               "there is nothing to calibrate", "convert it first")
+    if o.select == "measured" and not replaced:
+        raise OptionError("select", o.select, "chooses among replaced units, and this model has none",
+                          "leave select at all")
     t = _load_teacher(teacher, "calibrate", trust_pickle, teacher_arch, loaded.meta)
     spec = data_spec(loaded.meta, input_size, mean, std)
     notes: list[str] = []
@@ -187,23 +195,34 @@ def calibrate(model: ModelLike, *, teacher: ModelLike | None, data: str | os.Pat
     if val_set is not None:
         say(f"validating the model as it came in ({len(val_set)} images)")
     before = _val_accuracy(student, val_set)
-    say(f"fitting {2 * len(replaced_units(student))} scalars (L-BFGS, up to {o.max_iter} iterations)")
-    cal = calibrate_units(student, t.model, calib, o.max_iter, bn_stats=o.bn_stats, heldout=heldout or None)
+    stages: list[Calibration] = []
+    if pools:
+        say(f"refitting the layers after {len(loaded.meta.plan.parameter_free_steps)} parameter-free steps "
+            "(least squares)")
+        stages.append(refit_layers(student, t.model, calib, heldout=heldout or None))
+    if replaced:
+        say(f"fitting {2 * len(replaced_units(student))} scalars (L-BFGS, up to {o.max_iter} iterations)")
+        stages.append(calibrate_units(student, t.model, calib, o.max_iter, bn_stats=o.bn_stats,
+                                      heldout=heldout or None))
+    first, cal = stages[0], stages[-1]
     if val_set is not None:
         say("validating the calibrated model and the teacher")
     for s in loaded.meta.plan.replace_steps:  # the plan records the calibrated scalars too
         fit_ = next((f for f in cal.units if f.unit == s.unit), None)
         if fit_:
             s.a, s.b, s.init = fit_.a, fit_.b, "fixed"
-    result = CalibrationResult([asdict(f) for f in cal.units], cal.kl_before, cal.kl_after,
+    result = CalibrationResult([asdict(f) for f in cal.units], first.kl_before, cal.kl_after,
                                _val_accuracy(student, val_set), before, _val_accuracy(t.model, val_set),
                                len(calib), sum(len(x) for x in calib), selected, damage, notes, cal.bn_stats,
-                               cal.agreement_before, cal.agreement_after, cal.heldout_agreement_before,
-                               cal.heldout_agreement_after, cal.heldout_images, cal.kept_input)
+                               first.agreement_before, cal.agreement_after, first.heldout_agreement_before,
+                               cal.heldout_agreement_after, cal.heldout_images, all(c.kept_input for c in stages),
+                               first.refit)
     if output is not None:
         loaded.meta.extra["calibration"] = {k: getattr(result, k) for k in (
             "batches", "images", "bn_stats", "agreement_before", "agreement_after", "heldout_agreement_before",
-            "heldout_agreement_after", "heldout_images", "kept_input")}
+            "heldout_agreement_after", "heldout_images", "kept_input")} | (
+            {"refit": {k: result.refit[k] for k in ("mean_error_before", "mean_error_after", "skipped")}}
+            if result.refit else {})
         result.output = save(output, student, loaded.meta)
     return result
 
