@@ -149,7 +149,7 @@ def calibrate_units(model: nn.Module, teacher: nn.Module, batches: Sequence[torc
 
 
 def refit_layers(model: nn.Module, teacher: nn.Module, batches: Sequence[torch.Tensor],
-                 heldout: Sequence[torch.Tensor] | None = None, ridge: float = 1e-3) -> Calibration:
+                 heldout: Sequence[torch.Tensor] | None = None) -> Calibration:
     """Least-squares refit of the layers that read each parameter-free op of ``model`` (in place), kept only if it
     lowers KL(teacher || model) on ``batches``; agreement with the teacher is reported as for the scalars."""
     t_logits = teacher_logits(teacher, batches)
@@ -160,7 +160,7 @@ def refit_layers(model: nn.Module, teacher: nn.Module, batches: Sequence[torch.T
         kl_before = float(mean_kl(model, batches, t_logits))
     agree_before = _agreement(model, batches, t_logits)
     h_before = _agreement(model, heldout, h_logits) if heldout else None
-    res = least_squares_refit(model, teacher, list(batches), batches=len(batches), ridge=ridge)
+    res = least_squares_refit(model, teacher, list(batches), batches=len(batches))
     with torch.no_grad():
         kl_after = float(mean_kl(model, batches, t_logits))
     kept_input = not kl_after <= kl_before

@@ -13,8 +13,11 @@ Where the fit lands, per parameter-free step (found on the converted graph):
 
 The fits run in plan order, each on the *student's* current input (so a fit corrects what the units before it
 changed) against the teacher's feature at the same place, accumulating Gram matrices over ``batches`` batches;
-each solve is a ridge-regularised normal equation. Steps whose op is followed by anything else (a token mixer, a
-nonlinearity) are left alone and reported.
+each solve is a ridge-regularised normal equation. Every 4th image is held out: the ridge is the one of
+:data:`RIDGES` with the lowest held-out error, and a layer is changed only if that error is below the layer's
+own (a layer with more unknowns than samples, such as resnet50's last stage on 32px images, would otherwise
+interpolate the fit batches and generalise badly); the accepted fit is then solved again on all images.
+Steps whose op is followed by anything else (a token mixer, a nonlinearity) are left alone and reported.
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ from repconv.convert.plan import ParameterFreeStep, Plan
 from repconv.errors import DataError, NothingToReplace, PlanError
 
 FitKind = Literal["norm_affine", "conv"]
+RIDGES = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)  # tried per layer; the one with the lowest held-out error is used
+HOLDOUT_EVERY = 4  # every 4th image of each batch is held out to choose the ridge and to accept the fit
 _BN = nn.modules.batchnorm._BatchNorm
 
 
@@ -53,6 +58,11 @@ class SiteResult:
     kind: str
     error_before: float  # relative error ||y - t||^2 / ||t||^2 of the layer's output on the fit batches
     error_after: float
+    heldout_before: float | None = None  # the same on the held-out images, which chose the ridge
+    heldout_after: float | None = None
+    ridge: float | None = None  # None: no ridge beat the layer as it was on held-out images (left unchanged)
+    samples: int = 0  # positions the fit saw per group (images x output positions)
+    unknowns: int = 0  # inputs per group + 1
 
 
 @dataclass
@@ -148,6 +158,10 @@ class _Normal:
             self.yty += yty
         self.count += x.shape[1]
 
+    def merge(self, other: _Normal) -> None:
+        self.xtx, self.xty, self.yty = self.xtx + other.xtx, self.xty + other.xty, self.yty + other.yty
+        self.count += other.count
+
     def error(self, w: torch.Tensor) -> float:
         """Relative residual of ``X w`` against ``Y`` over all groups."""
         resid = self.yty - 2 * (w * self.xty).sum((1, 2)) + (w * (self.xtx @ w)).sum((1, 2))
@@ -224,7 +238,8 @@ def _batches(data, batch_size: int, count: int) -> list[torch.Tensor]:
 
 
 def least_squares_refit(student: fx.GraphModule, teacher: nn.Module, data, *, plan: Plan | None = None,
-                        batches: int = 8, batch_size: int = 64, ridge: float = 1e-3) -> RefitResult:
+                        batches: int = 8, batch_size: int = 64,
+                        ridges: Sequence[float] = RIDGES) -> RefitResult:
     """Solve, in plan order, the linear layer that reads each converted op (see the module docstring), in place.
 
     ``data``: unlabeled images (a dataset, a list of batches or a tensor); the first ``batches`` batches are used.
@@ -244,7 +259,7 @@ def least_squares_refit(student: fx.GraphModule, teacher: nn.Module, data, *, pl
     student.eval()
     results = []
     for site in sites:
-        results.append(_refit_site(site, student, teacher, xs, ridge))
+        results.append(_refit_site(site, student, teacher, xs, ridges))
     return RefitResult(results, skipped, sum(len(x) for x in xs), round(time.perf_counter() - started, 3))
 
 
@@ -274,25 +289,39 @@ def _captured(model: nn.Module, module: nn.Module, which: Literal["input", "outp
 
 
 def _refit_site(site: FitSite, student: nn.Module, teacher: nn.Module, xs: list[torch.Tensor],
-                ridge: float) -> SiteResult:
+                ridges: Sequence[float]) -> SiteResult:
     layer = student.get_submodule(site.module)
-    normal = _Normal()
+    fit, check = _Normal(), _Normal()
     s_sum = s_sq = None
     count = 0
     for x in xs:
         p = _captured(student, layer, "input", x)
-        feats, groups = _features(site, layer, p)
-        normal.add(feats, _targets(_captured(teacher, teacher.get_submodule(site.module), site.target, x), groups))
+        t = _captured(teacher, teacher.get_submodule(site.module), site.target, x)
+        held = torch.arange(len(x)) % HOLDOUT_EVERY == HOLDOUT_EVERY - 1
+        for normal, rows in ((fit, ~held), (check, held)):
+            if rows.any():
+                feats, groups = _features(site, layer, p[rows])
+                normal.add(feats, _targets(t[rows], groups))
         if site.kind == "norm_affine":
             p = p.double()
             s_sum = p.sum((0, 2, 3)) if s_sum is None else s_sum + p.sum((0, 2, 3))
             s_sq = (p * p).sum((0, 2, 3)) if s_sq is None else s_sq + (p * p).sum((0, 2, 3))
             count += p.numel() // p.shape[1]
+    if fit.xtx is None or check.xtx is None:
+        raise DataError(f"least-squares refit needs at least {HOLDOUT_EVERY} images (every {HOLDOUT_EVERY}th is held "
+                        "out)", "give more images")
     with_constant = site.kind == "norm_affine" or layer.bias is not None or site.bias_into is not None
-    before = normal.error(_current(site, layer, normal.xtx.shape[0]))
-    w = normal.solve(ridge, with_constant)
-    after = normal.error(w)
-    stats = (s_sum / count, (s_sq / count - (s_sum / count) ** 2).clamp_min(0)) if count else (None, None)
-    if after < before:
+    current = _current(site, layer, fit.xtx.shape[0])
+    fit_before, held_before = fit.error(current), check.error(current)
+    best = min(((check.error(w), r, w) for r in ridges for w in [fit.solve(r, with_constant)]),
+               key=lambda item: item[0])
+    result = SiteResult(site.step, site.module, site.kind, fit_before, fit_before, held_before, held_before,
+                        samples=fit.count, unknowns=fit.xtx.shape[1])
+    if best[0] < held_before:  # better on images the fit did not see: solve again on all of them
+        fit.merge(check)
+        w = fit.solve(best[1], with_constant)
+        stats = (s_sum / count, (s_sq / count - (s_sum / count) ** 2).clamp_min(0)) if count else (None, None)
         _apply(site, student, w, stats)
-    return SiteResult(site.step, site.module, site.kind, before, min(after, before))
+        result.error_after, result.heldout_after, result.ridge = fit.error(w), best[0], best[1]
+        result.error_before = fit.error(current)
+    return result
