@@ -9,7 +9,8 @@ Files written under ``output`` (a folder):
   local stage is skipped and ``SearchResult.local_skipped`` says so) and recovered checkpoint with its plan
   (``meta.extra["search"]`` holds the selection); with its ``.state.pt`` / ``.metrics.jsonl`` while the global
   stage runs (``resume=True`` continues an interrupted search from the last finished phase / epoch);
-* ``search.json``: the :class:`SearchResult`; ``pareto.png``: the table's predicted frontier and the result.
+* ``search.json``: the :class:`SearchResult` (``pareto``: the rows of the points ``pareto.png`` plots);
+  ``pareto.png``: the table's predicted frontier, the original and the result.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from repconv.errors import DataError, OptionError, OutputError
 from repconv.search.candidates import KINDS, assemble_plan, enumerate_candidates
 from repconv.search.damage import DamageOptions, build_views, measure_damage
 from repconv.search.latency import check_target, measure_models, measure_unit_deltas
+from repconv.search.pareto import Point, pareto_table, plot
 from repconv.search.select import Selection, check_budget, fastest, select
 from repconv.search.table import CandidateTable, Figures, data_digest, load_table, model_digest, now_utc, table_key
 from repconv.train.local import LocalOptions, LocalResult, local_distill
@@ -103,6 +105,7 @@ class SearchResult:
     seconds: dict = field(default_factory=dict)
     plot: Path | None = None
     local_skipped: bool = False  # the plan was converted but options.local.epochs was 0: agreement_after_local None
+    pareto: list[dict] = field(default_factory=list)  # pareto.pareto_table rows of the plotted points
 
     @property
     def latency_ratio(self) -> float:
@@ -396,8 +399,10 @@ def search(model, data, output: str | os.PathLike, *, latency_budget: float | No
     seconds["verify"] = round(time.perf_counter() - t0, 1)
     seconds["total"] = round(time.perf_counter() - started, 1)
     result.seconds = seconds
+    points = frontier_points(table, result)
+    result.pareto = pareto_table(points, result.base_latency_ms)
     try:
-        result.plot = predicted_frontier_plot(table, result, out / PLOT_FILE)
+        result.plot = plot(points, out / PLOT_FILE, title=f"{table.target}: agreement with the original vs latency")
     except ImportError:
         result.plot = None
     write_text_atomic(out / RESULT_FILE, json.dumps(result.to_dict(), indent=2) + "\n")
@@ -427,13 +432,13 @@ def predicted_frontier(table: CandidateTable, budgets: Sequence[float] | None = 
     return out
 
 
-def predicted_frontier_plot(table: CandidateTable, result: SearchResult, path: Path) -> Path:
-    from repconv.search.pareto import Point, plot
-
+def frontier_points(table: CandidateTable, result: SearchResult) -> list[Point]:
+    """What ``pareto.png`` plots: the table's predicted frontier (named by predicted latency ratio), the original
+    and the searched model (measured; agreement with the original as accuracy)."""
     pts = [Point(f"{s.predicted_ratio:.2f}", "predicted", s.predicted_latency_ms, 1 - s.predicted_drop / 100)
            for s in predicted_frontier(table)]
     pts.append(Point("original", "original", result.base_latency_ms, 1.0))
     if result.agreement is not None:
         pts.append(Point("searched", "searched", result.measured_latency_ms, result.agreement,
                          result.predicted_latency_ms, result.predicted_drop))
-    return plot(pts, path, title=f"{table.target}: agreement with the original vs latency")
+    return pts
