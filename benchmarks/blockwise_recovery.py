@@ -223,14 +223,18 @@ def main() -> None:
     ap.add_argument("--mem-batch", type=int, default=32)
     ap.add_argument("--mem-size", type=int, default=224)
     ap.add_argument("--mem-steps", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch and ONNX Runtime threads (default 2; --quick: 1, as 2 threads' barriers stall a "
+                    "quick run's tiny kernels on a busy 2-core machine: measured 216 s against 25 s)")
     ap.add_argument("--quick", action="store_true", help="mobilenet_v2 pf-hybrid, 1+1 epochs of 2 batches; "
-                    "memory at 64px")
+                    "memory at 64px; one thread")
     ap.add_argument("--out", type=Path, default=Path("blockwise_recovery.json"))
     args = ap.parse_args()
     if args.quick:
         args.archs, args.pretrain_epochs, args.budget, args.local_epochs = ["mobilenet_v2"], 1, 2, 1
         args.batch_size, args.batches_per_epoch, args.mem_size, args.mem_batch = 16, 2, 64, 8
+    if args.threads is None:
+        args.threads = 1 if args.quick else 2
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     result: dict = {"config": {k: v for k, v in vars(args).items() if k != "out"}, "machine": machine(args.threads)}

@@ -35,6 +35,9 @@ from repconv.train.loop import TrainConfig, evaluate
 UNIFORM = {"pf-all": {"method": "parameter-free", "pf_policy": "all"},
            "pf-hybrid": {"method": "parameter-free", "pf_policy": "hybrid"},
            "replace-every-2": {"method": "replacement", "every": 2}}
+# --quick: the search's table on layer3's units only, from 64 images, timed in one short round
+QUICK_SEARCH = {"units": ("layer3.*",), "train_images": 64, "eval_images": 64, "latency_rounds": 1, "latency_block": 3,
+                "latency_warmup": 1, "verify_rounds": 1}
 
 
 def main() -> None:
@@ -50,16 +53,23 @@ def main() -> None:
     ap.add_argument("--damage-steps", type=int, default=40)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--batches-per-epoch", type=int, default=None)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--quick", action="store_true", help="cifar_resnet20, 1 pretrain epoch, tiny budgets")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch and ONNX Runtime threads (default 2; --quick: 1, as 2 threads' barriers stall a "
+                    "quick run's tiny kernels on a busy 2-core machine, see blockwise_recovery.py --threads)")
+    ap.add_argument("--quick", action="store_true", help="cifar_resnet20, 1 pretrain epoch, tiny budgets; the "
+                    "search on layer3's units, 64 images and one latency round; one thread (a smoke test)")
     ap.add_argument("--out", type=Path, default=Path("search_pareto.json"))
     args = ap.parse_args()
     if args.quick:
         args.arch, args.pretrain_epochs, args.local_epochs, args.global_epochs = "cifar_resnet20", 1, 1, 1
         args.damage_steps, args.batches_per_epoch, args.batch_size, args.budgets = 2, 2, 32, [0.95, 0.8]
+    if args.threads is None:
+        args.threads = 1 if args.quick else 2
+    search_quick = QUICK_SEARCH if args.quick else {}
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    result: dict = {"config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "out"},
+    result: dict = {"config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "out"}
+                    | {"search_overrides": search_quick},
                     "machine": machine(args.threads), "searched": {}, "uniform": {}}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -78,7 +88,8 @@ def main() -> None:
         opts = SearchOptions(target=args.target, threads=args.threads,
                              damage=DamageOptions(steps=args.damage_steps, batch_size=args.batch_size),
                              local=LocalOptions(epochs=args.local_epochs, batch_size=args.batch_size),
-                             global_epochs=args.global_epochs, batches_per_epoch=args.batches_per_epoch)
+                             global_epochs=args.global_epochs, batches_per_epoch=args.batches_per_epoch,
+                             **search_quick)
         cache = tmp / "candidates.json"
         models = {"original": teacher}
         for b in args.budgets:

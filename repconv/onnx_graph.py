@@ -1,8 +1,8 @@
 """Low-level ONNX: reading a graph (inputs, metadata, params, MACs, precision), external weights above
 protobuf's 2 GiB, opening ONNX Runtime sessions, and the parity metrics every check uses.
 
-One place each: export, TensorRT verification, sessions and bench all read ONNX files with
-:func:`load_onnx`, open sessions with :func:`ort_session` and compare outputs with :func:`parity`.
+One place each: export, TensorRT verification, sessions, bench and the search's latency all read ONNX files
+with :func:`load_onnx`, open sessions with :func:`ort_session` and compare outputs with :func:`parity`.
 ONNX and ONNX Runtime are imported inside the functions, so importing this module is cheap.
 
 External weights use the layout onnx, ONNX Runtime and TensorRT's parser read: ``model.onnx`` holds the
@@ -14,14 +14,14 @@ from __future__ import annotations
 import os
 import tempfile
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
-from repconv.errors import DependencyError, InputFileError
+from repconv.errors import DependencyError, InputFileError, OptionError
 
 if TYPE_CHECKING:
     import onnx
@@ -259,9 +259,22 @@ def open_proto(model: onnx.ModelProto, opener: Callable[[bytes | str], T]) -> T:
 # ---------------------------------------------------------------- ONNX Runtime
 
 
-def ort_providers(device: str) -> list[str]:
+def ort_providers(device: str = "cpu", providers: Sequence[str] | None = None) -> list[str]:
+    """A session's execution providers: ``providers`` as given (each one available in this onnxruntime), else
+    ``device``'s (cpu: the CPU provider; cuda: CUDA, then CPU for what CUDA does not run)."""
     import onnxruntime as ort
 
+    if providers is not None:
+        if not providers:
+            raise OptionError("providers", list(providers), "names no execution provider",
+                              "give e.g. ['CPUExecutionProvider'], or leave it out to follow the device")
+        available = ort.get_available_providers()
+        missing = [p for p in providers if p not in available]
+        if missing:
+            raise DependencyError(f"this onnxruntime has no {', '.join(missing)} (available: {', '.join(available)})",
+                                  "install onnxruntime-gpu (and TensorRT for its provider) on a machine with an "
+                                  "NVIDIA GPU, or use the CPU provider")
+        return list(providers)
     if device == "cuda":
         if "CUDAExecutionProvider" not in ort.get_available_providers():
             raise DependencyError("ONNX Runtime has no CUDA provider here",
@@ -272,11 +285,13 @@ def ort_providers(device: str) -> list[str]:
 
 
 def ort_session(model: onnx.ModelProto | str | os.PathLike, level: str = "all", *, threads: int | None = None,
-                device: str = "cpu", spinning: bool = False):
+                device: str = "cpu", spinning: bool = False, providers: Sequence[str] | None = None):
     """An ONNX Runtime session on a graph (in memory, or a file) at optimization ``level``.
 
     ``threads`` defaults to torch's thread count. Worker threads do not spin (``spinning=False``): a session
     kept alive while torch works in the same process would otherwise take CPU from it; bench turns it on.
+    ``providers`` (execution providers in priority order, e.g. ``["TensorrtExecutionProvider"]`` for the
+    search's tensorrt target) replaces ``device``'s (:func:`ort_providers`).
     """
     import onnxruntime as ort
 
@@ -291,7 +306,7 @@ def ort_session(model: onnx.ModelProto | str | os.PathLike, level: str = "all", 
     if not spinning:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.add_session_config_entry("session.inter_op.allow_spinning", "0")
-    providers = ort_providers(device)
+    providers = ort_providers(device, providers)
 
     def session(source):
         try:

@@ -4,6 +4,10 @@ A run directory holds the artifacts of one walk through the pipeline and ``run.j
 every stage's figures, the plan, the machine and the bench results (format in docs/report.md).
 :func:`write_report` turns it into one HTML page that needs no network: inline CSS, plots as inline
 base64 PNGs drawn with matplotlib.
+
+A folder ``repconv search -o`` wrote (``search.json`` and ``pareto.png``, see repconv.search.run) gets a
+search section: the result's predicted and measured figures, its Pareto rows and the plot inlined. Such a
+folder needs no ``run.json``: the report then shows the search alone.
 """
 
 from __future__ import annotations
@@ -24,11 +28,16 @@ from repconv.errors import InputFileError
 from repconv.formatting import human, human_bytes, pct
 from repconv.io import write_text_atomic
 
-__all__ = ["ParityRecord", "PlanRow", "ReportResult", "RunRecord", "Stage", "report", "write_report"]
+__all__ = ["ParityRecord", "PlanRow", "ReportResult", "RunRecord", "SearchRecord", "Stage", "report",
+           "write_report"]
 
 RUN_FILE = "run.json"
 RUN_FORMAT = "repconv-run"
 RUN_VERSION = 1
+# what `repconv search` writes into its output folder (repconv.search.run.RESULT_FILE / PLOT_FILE: the search
+# layer sits above this one, so the names are repeated here and a test keeps them equal)
+SEARCH_FILE, SEARCH_PLOT = "search.json", "pareto.png"
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 # ---------------------------------------------------------------- the run record
@@ -146,6 +155,50 @@ def read_run(run_dir: str | os.PathLike) -> RunRecord:
         raise InputFileError(f"'{path}' does not follow the run format ({exc})", "see docs/report.md") from exc
 
 
+# ---------------------------------------------------------------- a search result
+
+
+@dataclass
+class SearchRecord:
+    """A search result in the run folder: ``search.json`` (the SearchResult's dict) and ``pareto.png``."""
+
+    result: dict[str, Any]
+    plot: str | None = None  # pareto.png as base64, None when the folder has no PNG of that name
+
+    @property
+    def rows(self) -> list[dict]:
+        """The Pareto rows (``pareto.pareto_table``: name, kind, latency_ms, accuracy, speedup, pareto, ...)."""
+        return [r for r in self.result.get("pareto") or [] if isinstance(r, dict)]
+
+
+def read_search(run_dir: str | os.PathLike) -> SearchRecord | None:
+    """``RUN_DIR/search.json`` and ``RUN_DIR/pareto.png`` (base64), or None when the folder holds no search."""
+    folder = Path(run_dir)
+    path = folder / SEARCH_FILE
+    if not folder.is_dir() or not path.is_file():
+        return None
+    try:
+        result = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InputFileError(f"'{path}' is not valid JSON ({exc})", "re-run `repconv search`") from exc
+    if not isinstance(result, dict):
+        raise InputFileError(f"'{path}' is not a search result (not a JSON object)", "re-run `repconv search`")
+    png = folder / SEARCH_PLOT
+    data = png.read_bytes() if png.is_file() else b""
+    return SearchRecord(result, base64.b64encode(data).decode("ascii") if data.startswith(PNG_SIGNATURE) else None)
+
+
+def read_folder(run_dir: str | os.PathLike) -> tuple[RunRecord, SearchRecord | None]:
+    """The run record and search result of a folder. A search folder without ``run.json`` gets an empty record
+    (titled after the folder, dated by its search.json); without either file, :func:`read_run`'s error."""
+    search = read_search(run_dir)
+    if search is not None and not (Path(run_dir) / RUN_FILE).exists():
+        written = (Path(run_dir) / SEARCH_FILE).stat().st_mtime
+        created = _dt.datetime.fromtimestamp(written, _dt.timezone.utc).isoformat(timespec="seconds")
+        return RunRecord(title=f"repconv search: {Path(run_dir).resolve().name}", created=created), search
+    return read_run(run_dir), search
+
+
 # ---------------------------------------------------------------- bench results
 
 
@@ -179,8 +232,9 @@ def _opt_float(v: Any) -> float | None:
 # ---------------------------------------------------------------- summary (what --json prints)
 
 
-def summarize_run(run: RunRecord) -> dict[str, Any]:
-    """The headline figures: accuracy per stage and the reductions against the first stage."""
+def summarize_run(run: RunRecord, search: SearchRecord | None = None) -> dict[str, Any]:
+    """The headline figures: accuracy per stage and the reductions against the first stage (and the search's
+    row count, when the folder holds one)."""
     base = run.stages[0] if run.stages else None
     stages = []
     for s in run.stages:
@@ -191,7 +245,8 @@ def summarize_run(run: RunRecord) -> dict[str, Any]:
                "parity": [asdict(p) for p in s.parity]}
         stages.append(row)
     return {"title": run.title, "created": run.created, "baseline": base.name if base else None,
-            "stages": stages, "plan_rows": len(run.plan), "bench_rows": len(bench_rows(run.bench))}
+            "stages": stages, "plan_rows": len(run.plan), "bench_rows": len(bench_rows(run.bench)),
+            "search_rows": len(search.rows) if search is not None else 0}
 
 
 def _ratio(before: float | None, after: float | None) -> float | None:
@@ -375,6 +430,42 @@ def _bench_section(run: RunRecord) -> str:
     return "<h2 id=\"latency\">Latency</h2>" + _img(plot_latency(rows), "latency plot") + table + note
 
 
+def _search_section(search: SearchRecord) -> str:
+    r = search.result
+    selection = r.get("selection") or {}
+    choice = selection.get("choice") or {}
+    accuracy = f"{pct(_number(r.get('val_acc_original')))} -> {pct(_number(r.get('val_acc')))}"
+    headline = _table(["", "predicted", "measured"], [
+        ["latency vs the original", _num(selection.get("predicted_ratio"), ".3f"), _num(r.get("latency_ratio"), ".3f")],
+        ["latency, ms", _num(r.get("predicted_latency_ms"), ".2f"), _num(r.get("measured_latency_ms"), ".2f")],
+        ["drop, points of agreement", _num(r.get("predicted_drop"), ".1f"), _num(r.get("measured_drop"), ".1f")],
+        ["accuracy (original -> searched)", "-", accuracy],
+    ], numeric=(1, 2), cls="search")
+    stage = "skipped (0 local epochs)" if r.get("local_skipped") else "run" if r.get("local") else "not run"
+    units = ", ".join(f"{_e(u)}: {_e(c)}" for u, c in choice.items()) or "none"
+    facts = (f"<p>{len(choice)} units converted ({units}); local distillation {stage}; candidate table "
+             f"{'reused' if r.get('table_reused') else 'built'}.</p>")
+    rows = [[_e(p.get("name")), _e(p.get("kind")), _num(p.get("latency_ms"), ".3f"), pct(_number(p.get("accuracy"))),
+             _num(p.get("speedup"), ".2f", "x"), _num(p.get("predicted_latency_ms"), ".3f"),
+             _num(p.get("predicted_drop"), ".1f"), "yes" if p.get("pareto") else ""] for p in search.rows]
+    pareto = (_table(["point", "kind", "latency ms", "agreement with the original", "speed-up", "predicted ms",
+                      "predicted drop", "on the front"], rows, numeric=range(2, 7), cls="pareto") if rows
+              else "<p class=\"muted\">search.json holds no Pareto rows.</p>")
+    note = ("<p class=\"muted\">Predicted points are the candidate table's solves at latency budgets (latency "
+            "and agreement predicted); the original and the searched model are measured together.</p>")
+    return ("<h2 id=\"search\">Search</h2>" + headline + facts + _img(search.plot, "Pareto plot (pareto.png)")
+            + pareto + note)
+
+
+def _number(v: Any) -> float | None:
+    return v if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+
+def _num(v: Any, fmt: str, suffix: str = "") -> str:
+    """``v`` formatted, or "-" when search.json has no number there."""
+    return "-" if _number(v) is None else f"{v:{fmt}}{suffix}"
+
+
 def _machine_line(m: dict | None) -> str:
     if not m:
         return "an unrecorded machine"
@@ -386,7 +477,8 @@ def _machine_line(m: dict | None) -> str:
     return line
 
 
-def render_html(run: RunRecord) -> str:
+def render_html(run: RunRecord, search: SearchRecord | None = None) -> str:
+    """The page; with ``search``, a search section. A search folder alone (no stages) shows only that section."""
     data = run.data
     subtitle = [f"created {run.created}"]
     if data:
@@ -396,30 +488,37 @@ def render_html(run: RunRecord) -> str:
         subtitle.append(f"total {run.seconds:.0f} s")
     notes = "".join(f"<li>{_e(n)}</li>" for n in run.notes)
     stage_notes = "".join(f"<li><b>{_e(s.name)}</b>: {_e(n)}</li>" for s in run.stages for n in s.notes)
+    pipeline = bool(run.stages) or search is None
     parts = [
         f"<h1>{_e(run.title)}</h1><p class=\"muted\">{_e('; '.join(subtitle))}</p>",
-        _stages_section(run),
-        "<h2 id=\"plots\">Accuracy, parameters and MACs</h2>",
-        _img(plot_accuracy(run.stages), "accuracy plot"),
-        _img(plot_size(run.stages), "parameters and MACs plot"),
-        _plan_section(run),
-        _parity_section(run),
-        _bench_section(run),
+        *(_pipeline_sections(run) if pipeline else []),
+        _search_section(search) if search is not None else "",
         f"<h2 id=\"notes\">Notes</h2><ul class=\"notes\">{notes}{stage_notes}</ul>" if notes or stage_notes else "",
         f"<h2 id=\"machine\">Machine</h2><p class=\"muted\">{_e(_machine_line(run.machine))}; "
         f"{_e(run.machine.get('platform', ''))}; repconv "
-        f"{_e(run.machine.get('versions', {}).get('repconv', __version__))}</p>",
+        f"{_e(run.machine.get('versions', {}).get('repconv', __version__))}</p>" if pipeline else "",
     ]
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             f"<title>{_e(run.title)}</title><style>{_CSS}</style></head><body>\n"
             + "\n".join(parts) + "\n</body></html>\n")
 
 
+def _pipeline_sections(run: RunRecord) -> list[str]:
+    return [_stages_section(run),
+            "<h2 id=\"plots\">Accuracy, parameters and MACs</h2>",
+            _img(plot_accuracy(run.stages), "accuracy plot"),
+            _img(plot_size(run.stages), "parameters and MACs plot"),
+            _plan_section(run),
+            _parity_section(run),
+            _bench_section(run)]
+
+
 def write_report(run_dir: str | os.PathLike, output: str | os.PathLike | None = None) -> Path:
-    """Render ``RUN_DIR/run.json`` into one self-contained HTML page (default ``RUN_DIR/report.html``)."""
-    run = read_run(run_dir)
+    """Render ``RUN_DIR/run.json`` (and ``RUN_DIR/search.json`` when there is one, see :func:`read_folder`) into
+    one self-contained HTML page (default ``RUN_DIR/report.html``)."""
+    run, search = read_folder(run_dir)
     target = Path(output) if output is not None else Path(run_dir) / "report.html"
-    return write_text_atomic(target, render_html(run))
+    return write_text_atomic(target, render_html(run, search))
 
 
 @dataclass
@@ -433,6 +532,7 @@ class ReportResult:
 
 
 def report(run_dir: str | os.PathLike, output: str | os.PathLike | None = None) -> ReportResult:
-    """Render ``RUN_DIR/run.json`` as one self-contained HTML page (default ``RUN_DIR/report.html``)."""
-    summary = summarize_run(read_run(run_dir))
+    """Render ``RUN_DIR/run.json`` (and a search result beside it) as one self-contained HTML page (default
+    ``RUN_DIR/report.html``)."""
+    summary = summarize_run(*read_folder(run_dir))
     return ReportResult(write_report(run_dir, output), Path(run_dir), summary)

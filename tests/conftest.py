@@ -12,6 +12,7 @@ from helpers import (
     Chain,
     CliResult,
     export_onnx_for_tests,
+    quick_search_options,
     randomize_bn,
     run_in_child,
     run_in_process,
@@ -78,3 +79,13 @@ def small_checkpoint(tmp_path_factory) -> str:
 def small_onnx(small_checkpoint, tmp_path_factory) -> str:
     """``small_checkpoint`` as ONNX (dynamic batch, repconv metadata)."""
     return export_onnx_for_tests(small_checkpoint, tmp_path_factory.mktemp("small_onnx") / "small.onnx")
+
+
+@pytest.fixture(scope="session")
+def searched(digits_checkpoint, tmp_path_factory):
+    """(output folder, SearchResult) of one quick search of the digits model (``quick_search_options``) with an
+    unbounded drop: its folder holds what a search writes (table, checkpoint, search.json, pareto.png)."""
+    from repconv.search.run import search
+
+    out = tmp_path_factory.mktemp("search")
+    return out, search(digits_checkpoint, "digits", out, max_drop=100.0, options=quick_search_options())

@@ -17,7 +17,10 @@ from repconv.convert.plan import ParameterFreeStep, ReplaceStep
 from repconv.data import digits
 from repconv.models import resolve_arch
 from repconv.search.candidates import KEEP, Candidate, UnitCandidates
+from repconv.search.damage import DamageOptions
+from repconv.search.run import SearchOptions
 from repconv.search.table import CandidateTable, Figures
+from repconv.train.local import LocalOptions
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS_ARCH = "cifar_resnet20"
@@ -74,6 +77,15 @@ def export_onnx_for_tests(checkpoint: str, path) -> str:
     that parameter counts match the checkpoint's)."""
     repconv.export(checkpoint, path, exporter="legacy", fuse_bn=False)
     return str(path)
+
+
+def quick_search_options(**kw) -> SearchOptions:
+    """Search settings that run in seconds on the digits model: layer3's units, two pools, two batches a stage."""
+    base = {"damage": DamageOptions(steps=2, batch_size=32), "train_images": 64, "eval_images": 64,
+            "latency_rounds": 1, "latency_block": 3, "latency_warmup": 1, "verify_rounds": 1,
+            "local": LocalOptions(epochs=1, batch_size=32), "global_epochs": 1, "batches_per_epoch": 2,
+            "units": ("layer3.*",), "kinds": ("pf-avg", "pf-max")}
+    return SearchOptions(**(base | kw))
 
 
 class CliResult(NamedTuple):

@@ -1,7 +1,8 @@
 """The benchmarks' ``--quick`` modes run end to end and write the JSON docs/results.md is built from.
 
 Each takes 15-50 s on 2 quiet cores (measured 2026-11-22: scratch 23 s, pretrained 16 s, parameter-free
-40 s, deployment 51 s, parameter_free_latency 30 s)."""
+40 s, deployment 51 s, parameter_free_latency 30 s; 2026-12-02, at load 2-4 from another job: blockwise_recovery
+25 s with its four arms, 37 s with seven; search_pareto 21-37 s)."""
 
 from __future__ import annotations
 
@@ -143,3 +144,66 @@ def test_ort_profile_quick(tmp_path):
         assert set(split["added_ops"]) == ops and split["added_ms"] > 0
         assert split["speedup_if_added_ops_were_free"] > split["kernel_speedup"] > 1
     assert r["matmul_2048_gmacs_per_s"] > 1
+
+
+def test_blockwise_recovery_quick(tmp_path):
+    r = run_quick("blockwise_recovery", tmp_path)
+    (acc,) = r["accuracy"]
+    assert acc["arch"] == "mobilenet_v2" and set(acc["forms"]) == {"pf-hybrid"}
+    original = acc["original"]
+    assert 0.0 <= original["val_acc"] <= 1.0 and original["controls"]
+    assert original["val_acc_finetuned"] == max(c["val_acc"] for c in original["controls"])  # the best control
+    form = acc["forms"]["pf-hybrid"]
+    assert 0.0 <= form["val_acc_converted"] <= 1.0
+    config = r["config"]
+    assert set(form["arms"]) == set(config["arms"]) >= {"ce", "kd", "local+kd", "local+both", "refit+kd"}
+    for arm, row in form["arms"].items():
+        assert 0.0 <= row["val_acc"] <= 1.0 and row["seconds"] > 0 and row["lr"] == config["lr"], arm
+        assert row["drop_vs_original_finetuned"] == pytest.approx(
+            100 * (original["val_acc_finetuned"] - row["val_acc"]), abs=0.01)
+        # local distillation counts its epochs against the budget, the least-squares refit one epoch
+        spent = config["local_epochs"] if arm.startswith("local") else 1 if arm.startswith("refit") else 0
+        assert row["global_epochs"] == config["budget"] - spent == len(row["history"]), arm
+        assert ("local" in row) == arm.startswith("local") and ("refit" in row) == arm.startswith("refit"), arm
+    for arm in (a for a in form["arms"] if a.startswith("local")):
+        local = form["arms"][arm]["local"]
+        assert local["units"] and local["trainable_params"] > 0 and local["seconds"] > 0
+        assert all(u["before"] >= 0 and u["after"] >= 0 for u in local["units"])
+        assert local["mean_error_before"] >= 0 and local["mean_error_after"] >= 0
+        assert 0.0 <= form["arms"][arm]["val_acc_after_local"] <= 1.0
+    for arm in (a for a in form["arms"] if a.startswith("refit")):
+        refit = form["arms"][arm]["refit"]
+        assert refit["sites"] and refit["images"] > 0 and refit["seconds"] > 0
+        assert all(x["before"] >= 0 and x["after"] >= 0 for x in refit["sites"])
+        assert 0.0 <= form["arms"][arm]["val_acc_after_refit"] <= 1.0
+    memory = r["memory"]
+    for mode in ("global", "local"):
+        assert memory[mode]["mode"] == mode and 0 < memory[mode]["train_mem_kb"] <= memory[mode]["peak_kb"]
+    assert memory["local_over_global"] == pytest.approx(
+        memory["local"]["train_mem_kb"] / memory["global"]["train_mem_kb"], abs=1e-3)
+
+
+def test_search_pareto_quick(tmp_path):
+    r = run_quick("search_pareto", tmp_path)
+    budgets = r["config"]["budgets"]
+    assert set(r["searched"]) == {f"searched-{b}" for b in budgets}
+    for i, b in enumerate(budgets):
+        row = r["searched"][f"searched-{b}"]
+        assert row["table_reused"] == (i > 0)  # one candidate table, every later budget only a solve
+        assert row["choice"] and all(u.startswith("layer3.") for u in row["choice"])  # --quick: layer3's units
+        assert 0 < row["predicted_ratio"] <= b + 1e-6  # the solve honours the budget
+        assert 0.0 <= row["val_acc"] <= 1.0 and 0.0 <= row["agreement"] <= 1.0
+        assert row["latency_ms"] > 0
+        assert row["speedup"] == pytest.approx(r["original"]["latency_ms"] / row["latency_ms"])
+    assert set(r["uniform"]) == {"pf-all", "pf-hybrid", "replace-every-2"}
+    assert all(0.0 <= u["val_acc"] <= 1.0 and 0.0 <= u["agreement"] <= 1.0 and u["latency_ms"] > 0
+               for u in r["uniform"].values())
+    assert set(r["checks"]) == set(r["searched"])
+    for check in r["checks"].values():
+        assert all(isinstance(check[k], bool) for k in ("not_slower_than_original", "prediction_within_10pct",
+                                                        "beats_uniform_at_equal_or_higher_latency"))
+        assert set(check["uniform_compared"]) <= set(r["uniform"])
+    rows = {row["name"]: row for row in r["pareto"]}
+    assert set(rows) == {"original"} | set(r["searched"]) | set(r["uniform"])
+    assert rows["original"]["speedup"] == 1.0 and any(row["pareto"] for row in rows.values())
+    assert Path(r["plot"]).read_bytes().startswith(b"\x89PNG")

@@ -1,4 +1,5 @@
-"""The run record and the HTML report, built from a real (small) pipeline run on digits."""
+"""The run record and the HTML report, built from a real (small) pipeline run on digits, and the search section
+from a real quick search's folder (the session fixture ``searched``)."""
 
 from __future__ import annotations
 
@@ -21,12 +22,15 @@ from repconv.convert.replacement import replaced_units
 from repconv.errors import InputFileError, OutputError
 from repconv.report import (
     RUN_FILE,
+    SEARCH_FILE,
+    SEARCH_PLOT,
     ParityRecord,
     PlanRow,
     RunRecord,
     Stage,
     bench_rows,
     read_run,
+    read_search,
     write_report,
 )
 from repconv.runtime.measure import machine_info
@@ -114,6 +118,48 @@ def test_report_cli(run_dir, tmp_path, run_cli):
     assert code == 0 and (run_dir / "report.html").is_file() and "replacement" in out
 
 
+def _pngs(text: str) -> list[bytes]:
+    return [base64.b64decode(b64) for b64 in re.findall(r'src="data:image/png;base64,([^"]+)"', text)]
+
+
+def test_report_of_a_search_folder(searched, tmp_path, run_cli):
+    from repconv.search.run import PLOT_FILE, RESULT_FILE
+
+    assert (SEARCH_FILE, SEARCH_PLOT) == (RESULT_FILE, PLOT_FILE)  # the report reads what the search writes
+    out, res = searched
+    rows = json.loads((out / SEARCH_FILE).read_text())["pareto"]
+    assert {r["kind"] for r in rows} == {"predicted", "original", "searched"}
+    assert all(r["latency_ms"] > 0 and 0 <= r["accuracy"] <= 1 for r in rows)
+    text = write_report(out, tmp_path / "search.html").read_text()
+    assert 'id="search"' in text and 'id="stages"' not in text  # no run.json: the search alone
+    assert not re.search(r"(src|href)=\"(https?:)?//", text)
+    assert _pngs(text) == [(out / SEARCH_PLOT).read_bytes()]  # pareto.png, inlined as it is
+    table = text.split('<table class="pareto">')[1].split("</table>")[0]
+    assert table.count("<tr>") == len(rows) + 1  # the header and one row per point
+    searched_row = next(r for r in table.split("<tr>") if "<td>searched</td>" in r)
+    assert f"{res.measured_latency_ms:.3f}" in searched_row and f"{100 * res.agreement:.2f}%" in searched_row
+    for unit, candidate in res.selection.choice.items():
+        assert f"{unit}: {candidate}" in text
+    assert not (out / "report.html").exists()
+    code, stdout, err = run_cli("report", out, "-o", tmp_path / "cli.html", "--json")
+    assert code == 0, err
+    summary = json.loads(stdout)
+    assert summary["search_rows"] == len(rows) and summary["stages"] == []
+
+
+def test_report_of_a_run_with_a_search(run_dir, searched, tmp_path):
+    both = shutil.copytree(run_dir, tmp_path / "both")
+    for name in (SEARCH_FILE, SEARCH_PLOT):
+        shutil.copy(searched[0] / name, both / name)
+    text = write_report(both, tmp_path / "r.html").read_text()
+    assert 'id="stages"' in text and 'id="search"' in text
+    images = _pngs(text)
+    assert len(images) == 4 and images[-1] == (both / SEARCH_PLOT).read_bytes()  # accuracy, size, latency, pareto
+    (both / SEARCH_PLOT).write_bytes(b"not a png")
+    assert read_search(both).plot is None
+    assert "Pareto plot (pareto.png): nothing to plot" in write_report(both, tmp_path / "r2.html").read_text()
+
+
 def test_report_bad_input(tmp_path, run_cli):
     with pytest.raises(InputFileError, match="does not exist"):
         read_run(tmp_path / "nowhere")
@@ -129,6 +175,13 @@ def test_report_bad_input(tmp_path, run_cli):
     with pytest.raises(OutputError):
         write_report(tmp_path, tmp_path / "missing-folder" / "r.html")
     assert not list(tmp_path.glob("*.part"))
+    (tmp_path / SEARCH_FILE).write_text("{not json")
+    with pytest.raises(InputFileError, match=r"search\.json' is not valid JSON"):
+        write_report(tmp_path, tmp_path / "r.html")
+    (tmp_path / SEARCH_FILE).write_text("[1, 2]")
+    with pytest.raises(InputFileError, match="not a search result"):
+        write_report(tmp_path, tmp_path / "r.html")
+    assert not (tmp_path / "r.html").exists()
 
 
 # ---------------------------------------------------------------- a real browser

@@ -90,6 +90,8 @@ def searched(r) -> None:
               "-" if r.agreement is None else f"{100 * (1 - r.agreement):.1f}")
     t.add_row("accuracy (original -> searched)", "", f"{pct(r.val_acc_original)} -> {pct(r.val_acc)}")
     out.print(t)
+    if r.local_skipped:
+        note("local (block-wise) distillation skipped: 0 local epochs")
     note(f"candidate table: {r.table_path} ({'reused' if r.table_reused else 'built'}); plot: {r.plot}")
 
 

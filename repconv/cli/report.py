@@ -12,7 +12,8 @@ from repconv.cli.options import ArchOpt, JsonOpt, NumClassesOpt, TrustOpt
 
 
 def report(paths: Annotated[list[Path], typer.Argument(help="a run directory holding run.json (repconv demo "
-                                                       "--out), or your own artifacts: the first is the reference")],
+                                                       "--out) and/or search.json (repconv search -o), or your own "
+                                                       "artifacts: the first is the reference")],
            output: Annotated[Path | None, typer.Option("-o", "--output", help="HTML file to write "
                                                        "(default RUN_DIR/report.html)")] = None,
            out: Annotated[Path, typer.Option("--out", help="with artifacts: the run directory to write run.json "
@@ -24,7 +25,7 @@ def report(paths: Annotated[list[Path], typer.Argument(help="a run directory hol
            arch: ArchOpt = None, num_classes: NumClassesOpt = None, trust_pickle: TrustOpt = False,
            as_json: JsonOpt = False) -> None:
     """One self-contained HTML page of a run: plan, savings, accuracy, parity, latency (of the demo, or of your
-    own artifacts, measured now)."""
+    own artifacts, measured now), and a search's Pareto table and plot."""
     from repconv import api
 
     run_dir = paths[0]
@@ -36,7 +37,10 @@ def report(paths: Annotated[list[Path], typer.Argument(help="a run directory hol
     if as_json:
         render.emit_json(result.to_dict())
     else:
-        render_run.stages(result.summary["stages"], None, f"{result.summary['title']}")
+        if result.summary["stages"]:
+            render_run.stages(result.summary["stages"], None, f"{result.summary['title']}")
+        if result.summary["search_rows"]:
+            render.out.print(f"search: {result.summary['search_rows']} Pareto rows and the plot", soft_wrap=True)
         render.out.print(f"report: {result.path}", soft_wrap=True)
 
 

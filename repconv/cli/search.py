@@ -31,8 +31,10 @@ def search(model: ModelArg,
            refresh: Annotated[bool, typer.Option("--refresh", help="rebuild the candidate table")] = False,
            resume: Annotated[bool, typer.Option("--resume", help="continue an interrupted search")] = False,
            threads: Annotated[int, typer.Option("--threads", help="CPU threads for latency")] = 2,
+           local_epochs: Annotated[int, typer.Option("--local-epochs", help="block-wise (local) distillation "
+                                                     "epochs of the assembled model; 0 skips the stage")] = 3,
            global_epochs: Annotated[int, typer.Option("--global-epochs", help="distillation epochs of the "
-                                                      "assembled model")] = 3,
+                                                      "assembled model (logits); 0 skips the stage")] = 3,
            batches_per_epoch: Annotated[int | None, typer.Option("--batches-per-epoch", help="cap (quick runs)")]
            = None,
            arch: ArchOpt = None, num_classes: NumClassesOpt = None, trust_pickle: TrustOpt = False,
@@ -42,7 +44,7 @@ def search(model: ModelArg,
     from repconv import api
     from repconv.options import from_values
 
-    options = from_values(api.SearchOptions, locals())
+    options = from_values(api.SearchOptions, {**locals(), "local": api.LocalOptions(epochs=local_epochs)})
     with render.status("searching") as status:
         result = api.search(model, data, output, latency_budget=latency_budget, max_drop=max_drop, options=options,
                             val_data=val_data, cache=cache, refresh=refresh, resume=resume, progress=status.update,

@@ -7,7 +7,8 @@ Targets: ``ort-cpu`` (ONNX Runtime, CPU provider, all graph optimizations), ``or
 batch norms folded; ``device="cuda"`` runs them on the GPU). A unit's change is measured on the unit alone,
 exported (or run) with the input shape it gets inside the model: ``time(candidate) - time(kept unit)``.
 Whole-model latency is not exactly the sum (ONNX Runtime fuses and re-lays out across units), so the
-assembled model is measured too and reported beside the prediction.
+assembled model is measured too and reported beside the prediction. ONNX Runtime sessions come from
+:func:`repconv.onnx_graph.ort_session` with the target's execution provider.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch
 from torch import nn
 
 from repconv.errors import DependencyError, OptionError
+from repconv.onnx_graph import ort_session
 
 TARGETS = ("ort-cpu", "ort-cuda", "tensorrt", "torch-nchw", "torch-channels-last")
 _PROVIDERS = {"ort-cpu": "CPUExecutionProvider", "ort-cuda": "CUDAExecutionProvider",
@@ -61,14 +63,9 @@ def runner(target: str, model: nn.Module, example: torch.Tensor, *, tmp: Path, n
            device: str = "cpu") -> Callable[[], None]:
     """A zero-argument function that runs ``model`` once on ``example`` on ``target``."""
     if target in _PROVIDERS:
-        import onnxruntime as ort
-
         path = export_onnx_file(model, example, tmp / f"{name}.onnx")
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.intra_op_num_threads = threads
-        options.log_severity_level = 3
-        session = ort.InferenceSession(str(path), options, providers=[_PROVIDERS[target]])
+        # ONNX Runtime's defaults otherwise: worker threads spin (as bench's sessions), the target's provider alone
+        session = ort_session(path, "all", threads=threads, spinning=True, providers=[_PROVIDERS[target]])
         feed = {"input": example.numpy()}
         return lambda: session.run(None, feed)
     from repconv.convert.fold import fuse_conv_bn

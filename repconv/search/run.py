@@ -5,10 +5,12 @@ Files written under ``output`` (a folder):
 
 * ``candidates.json``: the candidate table (the cache: a new budget on the same model, data, target and settings
   only re-solves); ``candidates.partial.json`` while the latency phase is still to run;
-* ``searched.repconv.safetensors``: the converted, locally distilled and recovered checkpoint with its plan
+* ``searched.repconv.safetensors``: the converted, locally distilled (unless ``options.local.epochs`` is 0: the
+  local stage is skipped and ``SearchResult.local_skipped`` says so) and recovered checkpoint with its plan
   (``meta.extra["search"]`` holds the selection); with its ``.state.pt`` / ``.metrics.jsonl`` while the global
   stage runs (``resume=True`` continues an interrupted search from the last finished phase / epoch);
-* ``search.json``: the :class:`SearchResult`; ``pareto.png``: the table's predicted frontier and the result.
+* ``search.json``: the :class:`SearchResult` (``pareto``: the rows of the points ``pareto.png`` plots);
+  ``pareto.png``: the table's predicted frontier, the original and the result.
 """
 
 from __future__ import annotations
@@ -24,10 +26,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from repconv.errors import DataError, OutputError
+from repconv.errors import DataError, OptionError, OutputError
 from repconv.search.candidates import KINDS, assemble_plan, enumerate_candidates
 from repconv.search.damage import DamageOptions, build_views, measure_damage
 from repconv.search.latency import check_target, measure_models, measure_unit_deltas
+from repconv.search.pareto import Point, pareto_table, plot
 from repconv.search.select import Selection, check_budget, fastest, select
 from repconv.search.table import CandidateTable, Figures, data_digest, load_table, model_digest, now_utc, table_key
 from repconv.train.local import LocalOptions, LocalResult, local_distill
@@ -52,13 +55,23 @@ class SearchOptions:
     damage: DamageOptions = field(default_factory=DamageOptions)
     train_images: int | None = 1024  # images for the table's local distillation (None: all)
     eval_images: int = 256  # held-out images scoring each candidate
-    local: LocalOptions = field(default_factory=LocalOptions)
-    global_epochs: int = 3
+    local: LocalOptions = field(default_factory=LocalOptions)  # the assembled model's local stage (epochs 0: skip it)
+    global_epochs: int = 3  # 0: skip the global stage
     global_lr: float = 1e-3
     global_objective: str = "distill"  # distill | both | ce (labels needed for both / ce)
     batches_per_epoch: int | None = None  # cap for the assembled model's local and global stages (quick runs)
     verify_rounds: int = 5
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name, value in (("local_epochs", self.local.epochs), ("global_epochs", self.global_epochs)):
+            if value < 0:
+                raise OptionError(name, value, "must not be negative", "give 0 to skip the stage, or more epochs")
+
+    @property
+    def skip_local(self) -> bool:
+        """The assembled model goes from conversion straight to the global stage (``local.epochs == 0``)."""
+        return self.local.epochs == 0
 
     def table_settings(self, input_shape: Sequence[int]) -> dict:
         return {"target": self.target, "device": self.device, "threads": self.threads, "batch": self.latency_batch,
@@ -91,6 +104,8 @@ class SearchResult:
     global_history: list[dict] = field(default_factory=list)
     seconds: dict = field(default_factory=dict)
     plot: Path | None = None
+    local_skipped: bool = False  # the plan was converted but options.local.epochs was 0: agreement_after_local None
+    pareto: list[dict] = field(default_factory=list)  # pareto.pareto_table rows of the plotted points
 
     @property
     def latency_ratio(self) -> float:
@@ -270,8 +285,8 @@ def search(model, data, output: str | os.PathLike, *, latency_budget: float | No
            trust_pickle: bool = False) -> SearchResult:
     """Search a plan for ``model`` (an original checkpoint path, module or Loaded) under ``latency_budget`` (a
     fraction of the original's measured latency on ``options.target``) or ``max_drop`` (accuracy points), convert
-    it, recover it (local, then global distillation), verify it, and write the files listed in the module
-    docstring under ``output``."""
+    it, recover it (local, then global distillation; 0 epochs skip either), verify it, and write the files listed
+    in the module docstring under ``output``."""
     from repconv.checkpoint import load_checkpoint, save
     from repconv.io import write_text_atomic
     from repconv.train.loop import TrainConfig, fit
@@ -314,6 +329,7 @@ def search(model, data, output: str | os.PathLike, *, latency_budget: float | No
     local_res: LocalResult | None = None
     history: list[dict] = []
     agree_local = None
+    local_skipped = False
     if not plan.steps:
         student = copy.deepcopy(teacher)
     else:
@@ -325,24 +341,29 @@ def search(model, data, output: str | os.PathLike, *, latency_budget: float | No
             info = prior.meta.extra.get("search", {})
             if info.get("plan_digest") == plan.digest() and info.get("phase") in ("local", "global"):
                 student, done_local = prior.model, True
-                say("resuming after local distillation")
+                local_skipped = bool(info.get("local_skipped", False))
+                say("resuming after the local stage")
         if not done_local:
             conv = convert(loaded, plan=plan)
             student = conv.model
             meta = copy.deepcopy(conv.meta)
-            t0 = time.perf_counter()
-            local_opts = copy.deepcopy(options.local)
-            if options.batches_per_epoch:
-                local_opts.steps_per_epoch = options.batches_per_epoch
-            local_res = local_distill(student, teacher, train_set, plan=plan, options=local_opts,
-                                      eval_data=eval_batches, progress=progress is not None)
-            seconds["local"] = round(time.perf_counter() - t0, 1)
-            meta.extra["search"] = {"phase": "local", "plan_digest": plan.digest(), "selection": selection.to_dict(),
-                                    "table_key": table.key}
-            save(ckpt, student, meta)
+            local_skipped = options.skip_local
+            meta.extra["search"] = {"phase": "converted", "plan_digest": plan.digest(),
+                                    "selection": selection.to_dict(), "table_key": table.key,
+                                    "local_skipped": local_skipped}
+            if local_skipped:
+                say("local distillation skipped (0 local epochs)")
+            else:
+                t0 = time.perf_counter()
+                local_res = _local_stage(student, teacher, train_set, plan, options, eval_batches,
+                                         progress is not None)
+                seconds["local"] = round(time.perf_counter() - t0, 1)
+                meta.extra["search"]["phase"] = "local"
+                save(ckpt, student, meta)
         else:
             meta = copy.deepcopy(prior.meta)
-        agree_local = agreement(student, teacher, eval_batches)
+        if not local_skipped:
+            agree_local = agreement(student, teacher, eval_batches)
         if options.global_epochs > 0:
             t0 = time.perf_counter()
             cfg = TrainConfig(epochs=options.global_epochs, lr=options.global_lr, objective=options.global_objective,
@@ -373,16 +394,29 @@ def search(model, data, output: str | os.PathLike, *, latency_budget: float | No
     result = SearchResult(selection, plan.to_dict(), out, ckpt if plan.steps else None, table_path, reused,
                           measured["original"], measured["searched"], selection.predicted_latency_ms,
                           selection.predicted_drop, agree_local, agree, _labeled_accuracy(teacher, val_set),
-                          _labeled_accuracy(student, val_set), local_res.to_dict() if local_res else None, history)
+                          _labeled_accuracy(student, val_set), local_res.to_dict() if local_res else None, history,
+                          local_skipped=local_skipped)
     seconds["verify"] = round(time.perf_counter() - t0, 1)
     seconds["total"] = round(time.perf_counter() - started, 1)
     result.seconds = seconds
+    points = frontier_points(table, result)
+    result.pareto = pareto_table(points, result.base_latency_ms)
     try:
-        result.plot = predicted_frontier_plot(table, result, out / PLOT_FILE)
+        result.plot = plot(points, out / PLOT_FILE, title=f"{table.target}: agreement with the original vs latency")
     except ImportError:
         result.plot = None
     write_text_atomic(out / RESULT_FILE, json.dumps(result.to_dict(), indent=2) + "\n")
     return result
+
+
+def _local_stage(student: nn.Module, teacher: nn.Module, train_set, plan, options: SearchOptions,
+                 eval_batches: Sequence[torch.Tensor], progress: bool) -> LocalResult:
+    """Block-wise distillation of the assembled model (in place), capped at ``batches_per_epoch``."""
+    local_opts = copy.deepcopy(options.local)
+    if options.batches_per_epoch:
+        local_opts.steps_per_epoch = options.batches_per_epoch
+    return local_distill(student, teacher, train_set, plan=plan, options=local_opts, eval_data=eval_batches,
+                         progress=progress)
 
 
 def predicted_frontier(table: CandidateTable, budgets: Sequence[float] | None = None) -> list[Selection]:
@@ -398,13 +432,13 @@ def predicted_frontier(table: CandidateTable, budgets: Sequence[float] | None = 
     return out
 
 
-def predicted_frontier_plot(table: CandidateTable, result: SearchResult, path: Path) -> Path:
-    from repconv.search.pareto import Point, plot
-
+def frontier_points(table: CandidateTable, result: SearchResult) -> list[Point]:
+    """What ``pareto.png`` plots: the table's predicted frontier (named by predicted latency ratio), the original
+    and the searched model (measured; agreement with the original as accuracy)."""
     pts = [Point(f"{s.predicted_ratio:.2f}", "predicted", s.predicted_latency_ms, 1 - s.predicted_drop / 100)
            for s in predicted_frontier(table)]
     pts.append(Point("original", "original", result.base_latency_ms, 1.0))
     if result.agreement is not None:
         pts.append(Point("searched", "searched", result.measured_latency_ms, result.agreement,
                          result.predicted_latency_ms, result.predicted_drop))
-    return plot(pts, path, title=f"{table.target}: agreement with the original vs latency")
+    return pts

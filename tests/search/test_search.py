@@ -1,43 +1,33 @@
 """search() end to end on the digits model in a quick mode: table, selection, conversion, local + global recovery,
-verification; the cache reused and invalidated; the result folds, exports and passes ONNX parity; bad input."""
+verification; the local stage skipped; the cache reused and invalidated; the result folds, exports and passes ONNX
+parity; bad input. The quick search itself is the session fixture ``searched`` (conftest.py)."""
 
 from __future__ import annotations
 
 import json
 
 import pytest
+from helpers import quick_search_options as quick
 
 import repconv
 from repconv.errors import DataError, DependencyError, InputFileError, OptionError, PlanError
 from repconv.search.damage import DamageOptions
-from repconv.search.run import SearchOptions, search
+from repconv.search.run import search
 from repconv.train.local import LocalOptions
-
-
-def quick(**kw) -> SearchOptions:
-    base = {"damage": DamageOptions(steps=2, batch_size=32), "train_images": 64, "eval_images": 64,
-            "latency_rounds": 1, "latency_block": 3, "latency_warmup": 1, "verify_rounds": 1,
-            "local": LocalOptions(epochs=1, batch_size=32), "global_epochs": 1, "batches_per_epoch": 2,
-            "units": ("layer3.*",), "kinds": ("pf-avg", "pf-max")}
-    return SearchOptions(**(base | kw))
-
-
-@pytest.fixture(scope="module")
-def searched(digits_checkpoint, tmp_path_factory):
-    out = tmp_path_factory.mktemp("search")
-    return out, search(digits_checkpoint, "digits", out, max_drop=100.0, options=quick())
 
 
 def test_search_end_to_end(searched):
     out, res = searched
     assert res.selection.choice and not res.table_reused
     assert set(res.seconds) >= {"table", "select", "local", "global", "verify"}
+    assert not res.local_skipped and res.local is not None and res.agreement_after_local is not None
     for name in ("candidates.json", "search.json", "searched.repconv.safetensors", "pareto.png"):
         assert (out / name).is_file(), name
     assert not (out / "searched.repconv.safetensors.state.pt").exists()
     saved = json.loads((out / "search.json").read_text())
     assert saved["selection"]["choice"] == res.selection.choice
     assert 0 <= saved["measured_drop"] <= 100 and saved["latency_error"] == pytest.approx(res.latency_error)
+    assert saved["local_skipped"] is False and 0 <= saved["measured_drop_after_local"] <= 100
     assert res.measured_latency_ms > 0 and res.base_latency_ms > 0
     loaded = repconv.load_checkpoint(out / "searched.repconv.safetensors")
     assert loaded.meta.kind == "converted" and loaded.meta.extra["search"]["phase"] == "done"
@@ -55,6 +45,26 @@ def test_cache_reused_and_invalidated(searched, digits_checkpoint, tmp_path):
         search(digits_checkpoint, "digits", tmp_path / "c", max_drop=1.0,
                options=quick(damage=DamageOptions(steps=3, batch_size=32)), cache=cache)
     assert cache.stat().st_mtime_ns == stamp and not (tmp_path / "c" / "searched.repconv.safetensors").exists()
+
+
+def test_local_stage_skipped(searched, digits_checkpoint, tmp_path):
+    out, _ = searched
+    res = search(digits_checkpoint, "digits", tmp_path / "s", max_drop=100.0, cache=out / "candidates.json",
+                 options=quick(local=LocalOptions(epochs=0, batch_size=32)))
+    assert res.table_reused and res.selection.choice and res.checkpoint is not None
+    assert res.local_skipped and res.local is None and res.agreement_after_local is None
+    assert "local" not in res.seconds and "global" in res.seconds and 0 <= res.agreement <= 1
+    saved = json.loads((tmp_path / "s" / "search.json").read_text())
+    assert saved["local_skipped"] is True and saved["local"] is None and saved["measured_drop_after_local"] is None
+    info = repconv.load_checkpoint(res.checkpoint).meta.extra["search"]
+    assert info["phase"] == "done" and info["local_skipped"] is True
+
+
+def test_stage_epochs_are_not_negative():
+    with pytest.raises(OptionError, match="local_epochs=-1 must not be negative"):
+        quick(local=LocalOptions(epochs=-1))
+    with pytest.raises(OptionError, match="global_epochs=-2 must not be negative"):
+        quick(global_epochs=-2)
 
 
 def test_searched_checkpoint_folds_and_exports(searched, tmp_path):

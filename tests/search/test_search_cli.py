@@ -10,6 +10,7 @@ import pytest
     (["--latency-budget", "0.8", "--max-drop", "1"], "give exactly one"),
     (["--latency-budget", "-1"], "--latency-budget -1.0 is not a positive fraction"),
     (["--latency-budget", "0.8", "--target", "gpu-magic"], "--target gpu-magic is not a known target"),
+    (["--latency-budget", "0.8", "--local-epochs", "-1"], "--local-epochs -1 must not be negative"),
 ])
 def test_search_bad_input(run_cli, small_checkpoint, tmp_path, extra, expected):
     code, out, err = run_cli("search", small_checkpoint, "--data", "digits", "-o", tmp_path / "out", *extra)
@@ -35,3 +36,14 @@ def test_inspect_shows_a_candidate_table(run_cli, small_checkpoint, tmp_path):
     assert "Candidate table (ort-cpu, original 20.00 ms)" in out and "pf-avg" in out and "-2.500" in out
     code, _, err = run_cli("inspect", small_checkpoint, "--candidates", tmp_path / "missing.json")
     assert code == 2 and "does not exist" in err
+
+
+def test_local_epochs_flag_default_is_the_api_default():
+    import typer
+
+    from repconv.cli.app import app
+    from repconv.train.local import LocalOptions
+
+    params = {p.name: p for p in typer.main.get_command(app).commands["search"].params}
+    assert params["local_epochs"].default == LocalOptions().epochs
+    assert "0 skips" in params["local_epochs"].help

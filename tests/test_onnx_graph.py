@@ -1,0 +1,34 @@
+"""ort_session, the one ONNX Runtime session builder: the device's providers by default, or the execution
+providers a caller names (the search's latency targets), each checked against this onnxruntime."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from repconv.errors import DependencyError, OptionError
+from repconv.onnx_graph import ort_providers, ort_session, run_onnx
+
+
+def test_the_device_decides_the_providers_by_default(small_onnx):
+    session = ort_session(small_onnx)
+    assert session.get_providers() == ["CPUExecutionProvider"] == ort_providers("cpu")
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        with pytest.raises(DependencyError, match="no CUDA provider"):
+            ort_session(small_onnx, device="cuda")
+
+
+def test_named_providers(small_onnx):
+    x = np.random.default_rng(0).random((3, 3, 32, 32), dtype=np.float32)
+    session = ort_session(small_onnx, "all", threads=1, spinning=True, providers=["CPUExecutionProvider"])
+    assert session.get_providers() == ["CPUExecutionProvider"]
+    assert session.get_session_options().intra_op_num_threads == 1
+    assert np.abs(run_onnx(session, x) - run_onnx(ort_session(small_onnx), x)).max() <= 1e-5
+
+
+def test_named_providers_are_checked(small_onnx):
+    with pytest.raises(DependencyError, match=r"no NoSuchExecutionProvider .*available: .*CPUExecutionProvider"):
+        ort_session(small_onnx, providers=["NoSuchExecutionProvider"])
+    with pytest.raises(OptionError, match=r"providers=\[\] names no execution provider"):
+        ort_session(small_onnx, providers=[])
