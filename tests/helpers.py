@@ -82,7 +82,7 @@ def export_onnx_for_tests(checkpoint: str, path) -> str:
 def quick_search_options(**kw) -> SearchOptions:
     """Search settings that run in seconds on the digits model: layer3's units, two pools, two batches a stage."""
     base = {"damage": DamageOptions(steps=2, batch_size=32), "train_images": 64, "eval_images": 64,
-            "latency_rounds": 1, "latency_block": 3, "latency_warmup": 1, "verify_rounds": 1,
+            "refit_images": 64, "latency_rounds": 1, "latency_block": 3, "latency_warmup": 1, "verify_rounds": 1,
             "local": LocalOptions(epochs=1, batch_size=32), "global_epochs": 1, "batches_per_epoch": 2,
             "units": ("layer3.*",), "kinds": ("pf-avg", "pf-max")}
     return SearchOptions(**(base | kw))

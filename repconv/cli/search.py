@@ -31,6 +31,8 @@ def search(model: ModelArg,
            refresh: Annotated[bool, typer.Option("--refresh", help="rebuild the candidate table")] = False,
            resume: Annotated[bool, typer.Option("--resume", help="continue an interrupted search")] = False,
            threads: Annotated[int, typer.Option("--threads", help="CPU threads for latency")] = 2,
+           refit: Annotated[bool, typer.Option("--refit/--no-refit", help="least-squares refit of the layer after "
+                                               "each new pool before the local stage (as calibrate does)")] = True,
            local_epochs: Annotated[int, typer.Option("--local-epochs", help="block-wise (local) distillation "
                                                      "epochs of the assembled model; 0 skips the stage")] = 3,
            global_epochs: Annotated[int, typer.Option("--global-epochs", help="distillation epochs of the "

@@ -33,6 +33,7 @@ from repconv.search.latency import check_target, measure_models, measure_unit_de
 from repconv.search.pareto import Point, pareto_table, plot
 from repconv.search.select import Selection, check_budget, fastest, select
 from repconv.search.table import CandidateTable, Figures, data_digest, load_table, model_digest, now_utc, table_key
+from repconv.train.calibrate import refit_layers
 from repconv.train.local import LocalOptions, LocalResult, local_distill
 
 TABLE_FILE, PARTIAL_FILE = "candidates.json", "candidates.partial.json"
@@ -55,6 +56,8 @@ class SearchOptions:
     damage: DamageOptions = field(default_factory=DamageOptions)
     train_images: int | None = 1024  # images for the table's local distillation (None: all)
     eval_images: int = 256  # held-out images scoring each candidate
+    refit: bool = True  # least-squares refit of the layer after each new pool, before the local stage (calibrate's)
+    refit_images: int = 256  # images (batches of 64) the refit reads
     local: LocalOptions = field(default_factory=LocalOptions)  # the assembled model's local stage (epochs 0: skip it)
     global_epochs: int = 3  # 0: skip the global stage
     global_lr: float = 1e-3
@@ -106,6 +109,7 @@ class SearchResult:
     plot: Path | None = None
     local_skipped: bool = False  # the plan was converted but options.local.epochs was 0: agreement_after_local None
     pareto: list[dict] = field(default_factory=list)  # pareto.pareto_table rows of the plotted points
+    refit: dict | None = None  # the assembled model's least-squares refit (None: off, or no pool to refit)
 
     @property
     def latency_ratio(self) -> float:
@@ -330,6 +334,7 @@ def search(model, data, output: str | os.PathLike, *, latency_budget: float | No
     history: list[dict] = []
     agree_local = None
     local_skipped = False
+    refit_res = None
     if not plan.steps:
         student = copy.deepcopy(teacher)
     else:
@@ -351,6 +356,12 @@ def search(model, data, output: str | os.PathLike, *, latency_budget: float | No
             meta.extra["search"] = {"phase": "converted", "plan_digest": plan.digest(),
                                     "selection": selection.to_dict(), "table_key": table.key,
                                     "local_skipped": local_skipped}
+            if options.refit and any(st.form in ("pool", "avgpool_conv") for st in plan.parameter_free_steps):
+                say("refitting the layers after the new pools (least squares)")
+                cal = refit_layers(student, teacher, _images(train_set, options.refit_images, 64))
+                refit_res = cal.refit | {"kept_input": cal.kept_input, "kl_before": cal.kl_before,
+                                         "kl_after": cal.kl_after}
+                meta.extra["search"]["refit"] = {k: refit_res[k] for k in ("mean_error_before", "mean_error_after")}
             if local_skipped:
                 say("local distillation skipped (0 local epochs)")
             else:
@@ -395,7 +406,7 @@ def search(model, data, output: str | os.PathLike, *, latency_budget: float | No
                           measured["original"], measured["searched"], selection.predicted_latency_ms,
                           selection.predicted_drop, agree_local, agree, _labeled_accuracy(teacher, val_set),
                           _labeled_accuracy(student, val_set), local_res.to_dict() if local_res else None, history,
-                          local_skipped=local_skipped)
+                          local_skipped=local_skipped, refit=refit_res)
     seconds["verify"] = round(time.perf_counter() - t0, 1)
     seconds["total"] = round(time.perf_counter() - started, 1)
     result.seconds = seconds

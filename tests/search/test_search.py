@@ -29,6 +29,10 @@ def test_search_end_to_end(searched):
     assert 0 <= saved["measured_drop"] <= 100 and saved["latency_error"] == pytest.approx(res.latency_error)
     assert saved["local_skipped"] is False and 0 <= saved["measured_drop_after_local"] <= 100
     assert res.measured_latency_ms > 0 and res.base_latency_ms > 0
+    pools = [s for s in res.plan["steps"] if s.get("form") in ("pool", "avgpool_conv")]
+    if pools:  # the refit saw every pool: fitted, or reported as read by no linear layer
+        assert len(res.refit["sites"]) + len(res.refit["skipped"]) == len(pools)
+        assert saved["refit"]["mean_error_after"] <= saved["refit"]["mean_error_before"]
     loaded = repconv.load_checkpoint(out / "searched.repconv.safetensors")
     assert loaded.meta.kind == "converted" and loaded.meta.extra["search"]["phase"] == "done"
     assert len(loaded.meta.plan.steps) == len(res.plan["steps"])
@@ -50,9 +54,9 @@ def test_cache_reused_and_invalidated(searched, digits_checkpoint, tmp_path):
 def test_local_stage_skipped(searched, digits_checkpoint, tmp_path):
     out, _ = searched
     res = search(digits_checkpoint, "digits", tmp_path / "s", max_drop=100.0, cache=out / "candidates.json",
-                 options=quick(local=LocalOptions(epochs=0, batch_size=32)))
+                 options=quick(local=LocalOptions(epochs=0, batch_size=32), refit=False))
     assert res.table_reused and res.selection.choice and res.checkpoint is not None
-    assert res.local_skipped and res.local is None and res.agreement_after_local is None
+    assert res.local_skipped and res.local is None and res.agreement_after_local is None and res.refit is None
     assert "local" not in res.seconds and "global" in res.seconds and 0 <= res.agreement <= 1
     saved = json.loads((tmp_path / "s" / "search.json").read_text())
     assert saved["local_skipped"] is True and saved["local"] is None and saved["measured_drop_after_local"] is None
