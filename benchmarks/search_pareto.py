@@ -29,6 +29,7 @@ from repconv.search.damage import DamageOptions
 from repconv.search.latency import measure_models
 from repconv.search.pareto import Point, pareto_table, plot
 from repconv.search.run import SearchOptions, agreement, latency_model, search
+from repconv.train.calibrate import refit_layers
 from repconv.train.local import LocalOptions, blockwise_recovery
 from repconv.train.loop import TrainConfig, evaluate
 
@@ -111,6 +112,8 @@ def main() -> None:
             err.print(f"uniform {name}")
             conv = repconv.convert(ckpt, **kw)
             student = conv.model
+            if opts.refit and conv.plan.parameter_free_steps:  # the search's recovery: refit, local, global
+                refit_layers(student, teacher, list(train_set.tensors[0][:opts.refit_images].split(64)))
             local = LocalOptions(epochs=args.local_epochs, batch_size=args.batch_size,
                                  steps_per_epoch=args.batches_per_epoch)
             gcfg = TrainConfig(epochs=args.global_epochs, objective="distill", trainable="all", lr=1e-3,
