@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from repconv.errors import DataError, OptionError, OutputError
+from repconv.options import Objective, check_choices
 from repconv.search.candidates import KINDS, assemble_plan, enumerate_candidates
 from repconv.search.damage import DamageOptions, build_views, measure_damage
 from repconv.search.latency import check_target, measure_models, measure_unit_deltas
@@ -61,15 +62,21 @@ class SearchOptions:
     local: LocalOptions = field(default_factory=LocalOptions)  # the assembled model's local stage (epochs 0: skip it)
     global_epochs: int = 3  # 0: skip the global stage
     global_lr: float = 1e-3
-    global_objective: str = "distill"  # distill | both | ce (labels needed for both / ce)
+    global_objective: Objective = "distill"  # labels needed for both / ce
     batches_per_epoch: int | None = None  # cap for the assembled model's local and global stages (quick runs)
     verify_rounds: int = 5
     seed: int = 0
 
     def __post_init__(self) -> None:
+        check_choices(self)
         for name, value in (("local_epochs", self.local.epochs), ("global_epochs", self.global_epochs)):
             if value < 0:
                 raise OptionError(name, value, "must not be negative", "give 0 to skip the stage, or more epochs")
+        if not self.global_lr > 0:
+            raise OptionError("global_lr", self.global_lr, "is not positive", "give a learning rate such as 1e-3")
+        if self.refit_images < 4:
+            raise OptionError("refit_images", self.refit_images, "is too few for the refit (every 4th is held out)",
+                              "give 4 or more, or turn the refit off")
 
     @property
     def skip_local(self) -> bool:

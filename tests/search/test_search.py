@@ -69,6 +69,12 @@ def test_stage_epochs_are_not_negative():
         quick(local=LocalOptions(epochs=-1))
     with pytest.raises(OptionError, match="global_epochs=-2 must not be negative"):
         quick(global_epochs=-2)
+    with pytest.raises(OptionError, match="global_objective='labels' is not a known choice"):
+        quick(global_objective="labels")
+    with pytest.raises(OptionError, match="global_lr=0 is not positive"):
+        quick(global_lr=0)
+    with pytest.raises(OptionError, match="refit_images=2 is too few"):
+        quick(refit_images=2)
 
 
 def test_searched_checkpoint_folds_and_exports(searched, tmp_path):
