@@ -138,7 +138,8 @@ def read_run(run_dir: str | os.PathLike) -> RunRecord:
         path = path / RUN_FILE
     if not path.exists():
         raise InputFileError(f"'{path}' does not exist",
-                             "give a run directory written by `repconv demo --out DIR` (it holds run.json)")
+                             "give a folder written by `repconv demo --out DIR` (run.json) or `repconv search -o DIR` "
+                             "(search.json)")
     try:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
