@@ -3,8 +3,23 @@
 from __future__ import annotations
 
 import pytest
+import torch
+from helpers import TinyBottleneckNet, randomize_bn
+from torch import nn
 
 import repconv
+
+
+@pytest.fixture
+def teacher() -> nn.Module:
+    """A small bottleneck network with non-trivial BN statistics: the original of the block-wise tests."""
+    torch.manual_seed(0)
+    return randomize_bn(TinyBottleneckNet()).eval()
+
+
+@pytest.fixture
+def images() -> torch.Tensor:
+    return torch.randn(64, 3, 16, 16, generator=torch.Generator().manual_seed(1))
 
 
 @pytest.fixture(scope="session")

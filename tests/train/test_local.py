@@ -4,23 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import TinyBottleneckNet, randomize_bn
 from torch import nn
 
 import repconv
 from repconv.errors import DataError, PlanError
 from repconv.train.local import LocalOptions, block_of, local_distill, plan_units
-
-
-@pytest.fixture
-def teacher() -> nn.Module:
-    torch.manual_seed(0)
-    return randomize_bn(TinyBottleneckNet()).eval()
-
-
-@pytest.fixture
-def images() -> torch.Tensor:
-    return torch.randn(64, 3, 16, 16, generator=torch.Generator().manual_seed(1))
 
 
 def _convert(teacher, **kw):

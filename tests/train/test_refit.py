@@ -7,23 +7,12 @@ import json
 import pytest
 import torch
 import torchvision
-from helpers import TinyBottleneckNet, randomize_bn
+from helpers import randomize_bn
 from torch import nn
 
 import repconv
 from repconv.errors import NothingToReplace
 from repconv.train.refit import _fold_affine, _Normal, fit_sites, least_squares_refit
-
-
-@pytest.fixture
-def teacher() -> nn.Module:
-    torch.manual_seed(0)
-    return randomize_bn(TinyBottleneckNet()).eval()
-
-
-@pytest.fixture
-def images() -> torch.Tensor:
-    return torch.randn(64, 3, 16, 16, generator=torch.Generator().manual_seed(1))
 
 
 def _kl(student, teacher, x) -> float:
