@@ -453,7 +453,8 @@ def predicted_frontier(table: CandidateTable, budgets: Sequence[float] | None = 
 def frontier_points(table: CandidateTable, result: SearchResult) -> list[Point]:
     """What ``pareto.png`` plots: the table's predicted frontier (named by predicted latency ratio), the original
     and the searched model (measured; agreement with the original as accuracy)."""
-    pts = [Point(f"{s.predicted_ratio:.2f}", "predicted", s.predicted_latency_ms, 1 - s.predicted_drop / 100)
+    # the drop adds per-unit damages, so it can pass 100 points on large plans: agreement stops at 0
+    pts = [Point(f"{s.predicted_ratio:.2f}", "predicted", s.predicted_latency_ms, max(0.0, 1 - s.predicted_drop / 100))
            for s in predicted_frontier(table)]
     pts.append(Point("original", "original", result.base_latency_ms, 1.0))
     if result.agreement is not None:
