@@ -63,7 +63,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.quick:
         args.arch, args.pretrain_epochs, args.local_epochs, args.global_epochs = "cifar_resnet20", 1, 1, 1
-        args.damage_steps, args.batches_per_epoch, args.batch_size, args.budgets = 2, 2, 32, [0.95, 0.8]
+        args.damage_steps, args.batches_per_epoch, args.batch_size, args.budgets = 2, 2, 32, [0.97, 0.9]
     if args.threads is None:
         args.threads = 1 if args.quick else 2
     search_quick = QUICK_SEARCH if args.quick else {}
