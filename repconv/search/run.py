@@ -36,6 +36,7 @@ from repconv.search.select import Selection, check_budget, fastest, select
 from repconv.search.table import CandidateTable, Figures, data_digest, load_table, model_digest, now_utc, table_key
 from repconv.train.calibrate import refit_layers
 from repconv.train.local import LocalOptions, LocalResult, local_distill
+from repconv.train.refit import has_pools
 
 TABLE_FILE, PARTIAL_FILE = "candidates.json", "candidates.partial.json"
 CHECKPOINT_FILE, RESULT_FILE, PLOT_FILE = "searched.repconv.safetensors", "search.json", "pareto.png"
@@ -363,7 +364,7 @@ def search(model, data, output: str | os.PathLike, *, latency_budget: float | No
             meta.extra["search"] = {"phase": "converted", "plan_digest": plan.digest(),
                                     "selection": selection.to_dict(), "table_key": table.key,
                                     "local_skipped": local_skipped}
-            if options.refit and any(st.form in ("pool", "avgpool_conv") for st in plan.parameter_free_steps):
+            if options.refit and has_pools(plan):
                 say("refitting the layers after the new pools (least squares)")
                 cal = refit_layers(student, teacher, _images(train_set, options.refit_images, 64))
                 refit_res = cal.refit | {"kept_input": cal.kept_input, "kl_before": cal.kl_before,

@@ -24,8 +24,8 @@ batches: with unlabeled data it is the only honest measure of what calibration d
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -87,6 +87,34 @@ def _agreement(model: nn.Module, batches: Sequence[torch.Tensor], t_logits: Sequ
     return same / max(sum(len(x) for x in batches), 1)
 
 
+def _judged(model: nn.Module, teacher: nn.Module, batches: Sequence[torch.Tensor],
+            heldout: Sequence[torch.Tensor] | None, fit: Callable[[list[torch.Tensor]], None]) -> Calibration:
+    """Run ``fit(teacher_logits)`` on ``model`` in place and keep it only if it lowers KL(teacher || model) on
+    ``batches`` (else the input is restored); KL and top-1 agreement with the teacher before and after, on
+    ``batches`` and on ``heldout``."""
+    t_logits = teacher_logits(teacher, batches)
+    h_logits = teacher_logits(teacher, heldout) if heldout else None
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    model.eval()
+    with torch.no_grad():
+        kl_before = float(mean_kl(model, batches, t_logits))
+    agree_before = _agreement(model, batches, t_logits)
+    h_before = _agreement(model, heldout, h_logits) if heldout else None
+    try:
+        fit(t_logits)
+    finally:
+        model.eval()
+    with torch.no_grad():
+        kl_after = float(mean_kl(model, batches, t_logits))
+    kept_input = not kl_after <= kl_before
+    if kept_input:  # never leave the model worse on the data it was fitted to
+        model.load_state_dict(saved)
+        kl_after = kl_before
+    return Calibration([], kl_before, kl_after, agree_before, _agreement(model, batches, t_logits), h_before,
+                       _agreement(model, heldout, h_logits) if heldout else None,
+                       sum(len(x) for x in heldout) if heldout else 0, kept_input=kept_input)
+
+
 def calibrate_units(model: nn.Module, teacher: nn.Module, batches: Sequence[torch.Tensor],
                     max_iter: int = 20, bn_stats: BnStats = "recalibrate",
                     heldout: Sequence[torch.Tensor] | None = None) -> Calibration:
@@ -97,78 +125,50 @@ def calibrate_units(model: nn.Module, teacher: nn.Module, batches: Sequence[torc
     scalars = [p for s in found.values() for p in (s.a, s.b)]
     before = [float(p.detach()) for p in scalars]
     units = [model.get_submodule(u) for u in found]
-    saved_stats = {k: v.clone() for k, v in model.state_dict().items()}
-    t_logits = teacher_logits(teacher, batches)
-    h_logits = teacher_logits(teacher, heldout) if heldout else None
-    model.eval()
-    with torch.no_grad():
-        kl_before = float(mean_kl(model, batches, t_logits))
-    agree_before = _agreement(model, batches, t_logits)
-    h_before = _agreement(model, heldout, h_logits) if heldout else None
-    kept_input = False
-    fit_stats = batch_stats(units) if bn_stats != "freeze" else contextlib.nullcontext()
-    requires = [p.requires_grad for p in model.parameters()]
-    model.requires_grad_(False)
-    for p in scalars:
-        p.requires_grad_(True)
-    try:
-        with fit_stats:
-            def kl_at(values):
-                _set(scalars, values)
-                with torch.no_grad():
-                    return float(mean_kl(model, batches, t_logits))
 
-            starts = [before] + [[v for _ in found for v in ab] for ab in STARTS]
-            _set(scalars, min(starts, key=kl_at))
-            opt = torch.optim.LBFGS(scalars, lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe")
+    def fit(t_logits: list[torch.Tensor]) -> None:
+        fit_stats = batch_stats(units) if bn_stats != "freeze" else contextlib.nullcontext()
+        requires = [p.requires_grad for p in model.parameters()]
+        model.requires_grad_(False)
+        for p in scalars:
+            p.requires_grad_(True)
+        try:
+            with fit_stats:
+                def kl_at(values):
+                    _set(scalars, values)
+                    with torch.no_grad():
+                        return float(mean_kl(model, batches, t_logits))
 
-            def closure():
-                opt.zero_grad()
-                loss = mean_kl(model, batches, t_logits)
-                loss.backward()
-                return loss
+                starts = [before] + [[v for _ in found for v in ab] for ab in STARTS]
+                _set(scalars, min(starts, key=kl_at))
+                opt = torch.optim.LBFGS(scalars, lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe")
 
-            opt.step(closure)
-        if bn_stats != "freeze":
-            _reestimate_stats(units, model, batches)
-        model.eval()
-        with torch.no_grad():
-            kl_after = float(mean_kl(model, batches, t_logits))
-        if not kl_after <= kl_before:  # never leave the model worse on the data it was fitted to
-            model.load_state_dict(saved_stats)
-            kl_after, kept_input = kl_before, True
-    finally:
-        for p, r in zip(model.parameters(), requires, strict=True):
-            p.requires_grad_(r)
-        model.eval()
-    fits = [UnitFit(u, before[2 * i], before[2 * i + 1], float(s.a.detach()), float(s.b.detach()))
-            for i, (u, s) in enumerate(found.items())]
-    return Calibration(fits, kl_before, kl_after, agree_before, _agreement(model, batches, t_logits), h_before,
-                       _agreement(model, heldout, h_logits) if heldout else None,
-                       sum(len(x) for x in heldout) if heldout else 0, bn_stats, kept_input)
+                def closure():
+                    opt.zero_grad()
+                    loss = mean_kl(model, batches, t_logits)
+                    loss.backward()
+                    return loss
+
+                opt.step(closure)
+            if bn_stats != "freeze":
+                _reestimate_stats(units, model, batches)
+        finally:
+            for p, r in zip(model.parameters(), requires, strict=True):
+                p.requires_grad_(r)
+
+    cal = _judged(model, teacher, batches, heldout, fit)
+    cal.units = [UnitFit(u, before[2 * i], before[2 * i + 1], float(s.a.detach()), float(s.b.detach()))
+                 for i, (u, s) in enumerate(found.items())]
+    cal.bn_stats = bn_stats
+    return cal
 
 
 def refit_layers(model: nn.Module, teacher: nn.Module, batches: Sequence[torch.Tensor],
                  heldout: Sequence[torch.Tensor] | None = None) -> Calibration:
     """Least-squares refit of the layers that read each parameter-free op of ``model`` (in place), kept only if it
     lowers KL(teacher || model) on ``batches``; agreement with the teacher is reported as for the scalars."""
-    t_logits = teacher_logits(teacher, batches)
-    h_logits = teacher_logits(teacher, heldout) if heldout else None
-    saved = {k: v.clone() for k, v in model.state_dict().items()}
-    model.eval()
-    with torch.no_grad():
-        kl_before = float(mean_kl(model, batches, t_logits))
-    agree_before = _agreement(model, batches, t_logits)
-    h_before = _agreement(model, heldout, h_logits) if heldout else None
-    res = least_squares_refit(model, teacher, list(batches), batches=len(batches))
-    with torch.no_grad():
-        kl_after = float(mean_kl(model, batches, t_logits))
-    kept_input = not kl_after <= kl_before
-    if kept_input:  # never leave the model worse on the data it was fitted to
-        model.load_state_dict(saved)
-        kl_after = kl_before
-    return Calibration([], kl_before, kl_after, agree_before, _agreement(model, batches, t_logits), h_before,
-                       _agreement(model, heldout, h_logits) if heldout else None,
-                       sum(len(x) for x in heldout) if heldout else 0, "refit", kept_input,
-                       asdict(res) | {"mean_error_before": res.mean_error_before,
-                                      "mean_error_after": res.mean_error_after})
+    found: list = []
+    cal = _judged(model, teacher, batches, heldout,
+                  lambda _: found.append(least_squares_refit(model, teacher, list(batches), batches=len(batches))))
+    cal.bn_stats, cal.refit = "refit", found[0].to_dict()
+    return cal

@@ -348,6 +348,14 @@ def _set_norm_modes(views: Iterable[nn.Module], mode: BnStats) -> None:
                     m.train()
 
 
+def plan_of(student: nn.Module, plan: Plan | None) -> Plan:
+    """``plan``, or the one ``student`` was converted with (``student.meta["repconv_plan"]``)."""
+    plan = plan if plan is not None else getattr(student, "meta", {}).get("repconv_plan")
+    if plan is None:
+        raise PlanError("the student model carries no plan", "pass plan= (the plan it was converted with)")
+    return plan
+
+
 def local_distill(student: nn.Module, teacher: nn.Module, data: Dataset | Sequence[torch.Tensor] | torch.Tensor, *,
                   plan: Plan | None = None, options: LocalOptions | None = None,
                   eval_data: Dataset | Sequence[torch.Tensor] | torch.Tensor | None = None,
@@ -361,9 +369,7 @@ def local_distill(student: nn.Module, teacher: nn.Module, data: Dataset | Sequen
     """
     options = options or LocalOptions()
     options.check()
-    plan = plan if plan is not None else getattr(student, "meta", {}).get("repconv_plan")
-    if plan is None:
-        raise PlanError("the student model carries no plan", "pass plan= (the plan it was converted with)")
+    plan = plan_of(student, plan)
     if _count(data) == 0 and not isinstance(data, torch.Tensor):
         raise DataError("local distillation got no images", "give a folder or dataset with images")
     found = plan_units(teacher, plan)

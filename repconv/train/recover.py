@@ -30,6 +30,7 @@ from repconv.options import BnStats, CalibrateSelect, check_choices, with_overri
 from repconv.train.calibrate import Calibration, calibrate_units, refit_layers
 from repconv.train.data import check_classes, data_spec, datasets, num_outputs
 from repconv.train.loop import TrainConfig, dist_env, evaluate, fit, metrics_path_for, state_path_for
+from repconv.train.refit import has_pools
 
 __all__ = [
     "FINETUNE_DEFAULTS",
@@ -161,8 +162,7 @@ def calibrate(model: ModelLike, *, teacher: ModelLike | None, data: str | os.Pat
     say = timed(progress)
     loaded = load_checkpoint(model, trust_pickle=trust_pickle)
     replaced = bool(replaced_units(loaded.model))
-    pools = loaded.meta.plan is not None and any(s.form in ("pool", "avgpool_conv")
-                                                 for s in loaded.meta.plan.parameter_free_steps)
+    pools = has_pools(loaded.meta.plan)
     if not replaced and not pools:
         raise NothingToReplace(f"'{loaded.path or 'the model'}' has no replaced unit and no parameter-free pool, so "
                                "there is nothing to calibrate", "convert it first")

@@ -22,9 +22,10 @@ Steps whose op is followed by anything else (a token mixer, a nonlinearity) are 
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Literal
 
 import torch
@@ -33,8 +34,10 @@ from torch.nn import functional as F
 
 from repconv.convert.plan import ParameterFreeStep, Plan
 from repconv.errors import DataError, NothingToReplace, PlanError
+from repconv.train.local import image_batches, plan_of
 
 FitKind = Literal["norm_affine", "conv"]
+FORMS = ("pool", "avgpool_conv")  # the parameter-free forms whose next layer can be refitted
 RIDGES = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)  # tried per layer; the one with the lowest held-out error is used
 HOLDOUT_EVERY = 4  # every 4th image of each batch is held out to choose the ridge and to accept the fit
 _BN = nn.modules.batchnorm._BatchNorm
@@ -80,6 +83,14 @@ class RefitResult:
     def mean_error_after(self) -> float:
         return sum(s.error_after for s in self.sites) / max(len(self.sites), 1)
 
+    def to_dict(self) -> dict:
+        return asdict(self) | {"mean_error_before": self.mean_error_before, "mean_error_after": self.mean_error_after}
+
+
+def has_pools(plan: Plan | None) -> bool:
+    """Whether ``plan`` has a parameter-free step the refit can work on."""
+    return plan is not None and any(s.form in FORMS for s in plan.parameter_free_steps)
+
 
 # ---------------------------------------------------------------- where each fit lands
 
@@ -97,7 +108,7 @@ def fit_sites(student: fx.GraphModule, steps: Sequence[ParameterFreeStep]) -> tu
     sites, skipped = [], []
     for step in steps:
         node = calls.get(step.target)
-        if node is None or step.form not in ("pool", "avgpool_conv"):
+        if node is None or step.form not in FORMS:
             skipped.append(step.target)
             continue
         if step.form == "avgpool_conv":
@@ -226,17 +237,6 @@ def _fold_affine(bn: nn.Module, a: torch.Tensor, b: torch.Tensor, mean: torch.Te
 # ---------------------------------------------------------------- the stage
 
 
-def _batches(data, batch_size: int, count: int) -> list[torch.Tensor]:
-    from repconv.train.local import image_batches
-
-    out = []
-    for x in image_batches(data, batch_size, shuffle=True, seed=0):
-        out.append(x)
-        if len(out) >= count:
-            break
-    return out
-
-
 def least_squares_refit(student: fx.GraphModule, teacher: nn.Module, data, *, plan: Plan | None = None,
                         batches: int = 8, batch_size: int = 64,
                         ridges: Sequence[float] = RIDGES) -> RefitResult:
@@ -244,14 +244,12 @@ def least_squares_refit(student: fx.GraphModule, teacher: nn.Module, data, *, pl
 
     ``data``: unlabeled images (a dataset, a list of batches or a tensor); the first ``batches`` batches are used.
     """
-    plan = plan if plan is not None else getattr(student, "meta", {}).get("repconv_plan")
-    if plan is None:
-        raise PlanError("the student model carries no plan", "pass plan= (the plan it was converted with)")
+    plan = plan_of(student, plan)
     steps = [s for s in plan.steps if isinstance(s, ParameterFreeStep)]
     if not steps:
         raise NothingToReplace("the plan has no parameter-free step, so there is nothing to refit", "convert first")
     sites, skipped = fit_sites(student, steps)
-    xs = _batches(data, batch_size, batches)
+    xs = list(itertools.islice(image_batches(data, batch_size, shuffle=True), batches))
     if not xs:
         raise DataError("least-squares refit got no images", "give a folder or dataset with images")
     started = time.perf_counter()
