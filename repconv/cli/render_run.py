@@ -90,6 +90,13 @@ def searched(r) -> None:
               "-" if r.agreement is None else f"{100 * (1 - r.agreement):.1f}")
     t.add_row("accuracy (original -> searched)", "", f"{pct(r.val_acc_original)} -> {pct(r.val_acc)}")
     out.print(t)
+    if len(r.latency_probes) > 1:
+        probes = table("Latency budget checked on the assembled plans", ["plan", "units", "savings scale",
+                       "predicted", "measured"], right=("units", "savings scale", "predicted", "measured"))
+        for i, p in enumerate(r.latency_probes, 1):
+            probes.add_row(str(i), str(len(p["choice"])), f"{p['savings_scale']:.2f}", f"{p['predicted_ratio']:.3f}",
+                           f"{p['measured_ratio']:.3f}")
+        out.print(probes)
     if r.local_skipped:
         note("local (block-wise) distillation skipped: 0 local epochs")
     note(f"candidate table: {r.table_path} ({'reused' if r.table_reused else 'built'}); plot: {r.plot}")

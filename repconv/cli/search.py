@@ -31,6 +31,9 @@ def search(model: ModelArg,
            refresh: Annotated[bool, typer.Option("--refresh", help="rebuild the candidate table")] = False,
            resume: Annotated[bool, typer.Option("--resume", help="continue an interrupted search")] = False,
            threads: Annotated[int, typer.Option("--threads", help="CPU threads for latency")] = 2,
+           latency_checks: Annotated[int, typer.Option("--latency-checks", help="with --latency-budget: time the "
+                                                       "assembled plan and re-solve with the savings it shows, at "
+                                                       "most this many times (0: trust the table)")] = 3,
            refit: Annotated[bool, typer.Option("--refit/--no-refit", help="least-squares refit of the layer after "
                                                "each new pool before the local stage (as calibrate does)")] = True,
            local_epochs: Annotated[int, typer.Option("--local-epochs", help="block-wise (local) distillation "

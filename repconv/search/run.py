@@ -31,6 +31,7 @@ from repconv.options import Objective, check_choices
 from repconv.search.candidates import KINDS, assemble_plan, enumerate_candidates
 from repconv.search.damage import DamageOptions, build_views, measure_damage
 from repconv.search.latency import check_target, measure_models, measure_unit_deltas
+from repconv.search.measured import MeasuredSelection, select_measured
 from repconv.search.pareto import Point, pareto_table, plot
 from repconv.search.select import Selection, check_budget, fastest, select
 from repconv.search.table import CandidateTable, Figures, data_digest, load_table, model_digest, now_utc, table_key
@@ -66,6 +67,8 @@ class SearchOptions:
     global_objective: Objective = "distill"  # labels needed for both / ce
     batches_per_epoch: int | None = None  # cap for the assembled model's local and global stages (quick runs)
     verify_rounds: int = 5
+    latency_checks: int = 3  # re-solves with the savings scale measured on assembled plans (0: trust the table)
+    latency_tolerance: float = 0.03  # an assembled plan meets a latency budget within this fraction of it
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -75,6 +78,12 @@ class SearchOptions:
                 raise OptionError(name, value, "must not be negative", "give 0 to skip the stage, or more epochs")
         if not self.global_lr > 0:
             raise OptionError("global_lr", self.global_lr, "is not positive", "give a learning rate such as 1e-3")
+        if self.latency_checks < 0:
+            raise OptionError("latency_checks", self.latency_checks, "is negative",
+                              "give 0 (trust the candidate table) or the number of re-solves, e.g. 3")
+        if not 0 <= self.latency_tolerance < 1:
+            raise OptionError("latency_tolerance", self.latency_tolerance, "is not a fraction in [0, 1)",
+                              "give e.g. 0.03 (3% over the budget still meets it)")
         if self.refit_images < 4:
             raise OptionError("refit_images", self.refit_images, "is too few for the refit (every 4th is held out)",
                               "give 4 or more, or turn the refit off")
@@ -118,6 +127,7 @@ class SearchResult:
     local_skipped: bool = False  # the plan was converted but options.local.epochs was 0: agreement_after_local None
     pareto: list[dict] = field(default_factory=list)  # pareto.pareto_table rows of the plotted points
     refit: dict | None = None  # the assembled model's least-squares refit (None: off, or no pool to refit)
+    latency_probes: list[dict] = field(default_factory=list)  # measured.Probe of each assembled plan timed to select
 
     @property
     def latency_ratio(self) -> float:
@@ -330,14 +340,19 @@ def search(model, data, output: str | os.PathLike, *, latency_budget: float | No
     table, reused = build_table(teacher, train_set, val_set, options=options, cache=table_path, refresh=refresh,
                                 leaves=meta.plan.leaves if meta.plan else (), progress=say)
     seconds["table"] = round(time.perf_counter() - t0, 1)
+    eval_batches = _images(val_set, options.eval_images, 128)
+    example = eval_batches[0][:1].expand(options.latency_batch, *eval_batches[0].shape[1:]).contiguous()
+    leaves = meta.plan.leaves if meta.plan else ()
+    ckpt = out / CHECKPOINT_FILE
     t0 = time.perf_counter()
-    selection = select(table, latency_budget=latency_budget, max_drop=max_drop)
+    chosen = _resumed_selection(ckpt, table, latency_budget, max_drop) if resume else None
+    if chosen is None:
+        chosen = _select(table, teacher, example, latency_budget, max_drop, options, leaves, say)
+    selection = chosen.selection
     seconds["select"] = round(time.perf_counter() - t0, 3)
-    plan = assemble_plan(table.units, selection.choice, arch=meta.arch, leaves=meta.plan.leaves if meta.plan else ())
+    plan = assemble_plan(table.units, selection.choice, arch=meta.arch, leaves=leaves)
     say(f"selected {len(selection.choice)} of {len(table.units)} units: predicted {selection.predicted_ratio:.3f} of "
         f"the original's latency, drop {selection.predicted_drop:.1f} points")
-    eval_batches = _images(val_set, options.eval_images, 128)
-    ckpt = out / CHECKPOINT_FILE
     local_res: LocalResult | None = None
     history: list[dict] = []
     agree_local = None
@@ -363,7 +378,7 @@ def search(model, data, output: str | os.PathLike, *, latency_budget: float | No
             local_skipped = options.skip_local
             meta.extra["search"] = {"phase": "converted", "plan_digest": plan.digest(),
                                     "selection": selection.to_dict(), "table_key": table.key,
-                                    "local_skipped": local_skipped}
+                                    "probes": [p.to_dict() for p in chosen.probes], "local_skipped": local_skipped}
             if options.refit and has_pools(plan):
                 say("refitting the layers after the new pools (least squares)")
                 cal = refit_layers(student, teacher, _images(train_set, options.refit_images, 64))
@@ -404,7 +419,6 @@ def search(model, data, output: str | os.PathLike, *, latency_budget: float | No
         Path(f"{ckpt}.state.pt").unlink(missing_ok=True)  # the global stage's resume state: no longer needed
     t0 = time.perf_counter()
     say("verifying latency and accuracy against the prediction")
-    example = eval_batches[0][:1].expand(options.latency_batch, *eval_batches[0].shape[1:]).contiguous()
     measured = measure_models({"original": teacher, "searched": latency_model(teacher, plan)}, example,
                               options.target, threads=options.threads, device=options.device,
                               rounds=options.verify_rounds, block=options.latency_block,
@@ -414,7 +428,8 @@ def search(model, data, output: str | os.PathLike, *, latency_budget: float | No
                           measured["original"], measured["searched"], selection.predicted_latency_ms,
                           selection.predicted_drop, agree_local, agree, _labeled_accuracy(teacher, val_set),
                           _labeled_accuracy(student, val_set), local_res.to_dict() if local_res else None, history,
-                          local_skipped=local_skipped, refit=refit_res)
+                          local_skipped=local_skipped, refit=refit_res,
+                          latency_probes=[p.to_dict() for p in chosen.probes])
     seconds["verify"] = round(time.perf_counter() - t0, 1)
     seconds["total"] = round(time.perf_counter() - started, 1)
     result.seconds = seconds
@@ -428,6 +443,43 @@ def search(model, data, output: str | os.PathLike, *, latency_budget: float | No
     return result
 
 
+def _select(table: CandidateTable, teacher: nn.Module, example: torch.Tensor, latency_budget: float | None,
+            max_drop: float | None, options: SearchOptions, leaves: Sequence[str],
+            say: Callable[[str], None]) -> MeasuredSelection:
+    """A latency budget is checked on the assembled model (:func:`measured.select_measured`); a maximum drop is
+    solved on the table alone."""
+    if latency_budget is None:
+        return MeasuredSelection(select(table, max_drop=max_drop))
+
+    def measure(choice: dict[str, str]) -> float:
+        plan = assemble_plan(table.units, choice, leaves=leaves)
+        ms = measure_models({"original": teacher, "assembled": latency_model(teacher, plan)}, example, options.target,
+                            threads=options.threads, device=options.device, rounds=options.verify_rounds,
+                            block=options.latency_block, warmup=options.latency_warmup)
+        return ms["assembled"] / ms["original"]
+
+    return select_measured(table, latency_budget, measure, checks=options.latency_checks,
+                           tolerance=options.latency_tolerance, progress=say)
+
+
+def _resumed_selection(ckpt: Path, table: CandidateTable, latency_budget: float | None,
+                       max_drop: float | None) -> MeasuredSelection | None:
+    """The selection an interrupted search on the same table and budget already made (its latency checks are not
+    timed again: new timings could pick another plan and discard the finished stages)."""
+    from repconv.checkpoint import load_checkpoint
+    from repconv.search.measured import Probe
+
+    if not ckpt.exists():
+        return None
+    info = load_checkpoint(ckpt).meta.extra.get("search", {})
+    saved = dict(info.get("selection") or {})
+    if info.get("table_key") != table.key or (saved.get("latency_budget"), saved.get("max_drop")) != (
+            latency_budget, max_drop):
+        return None
+    saved.pop("predicted_ratio", None)
+    return MeasuredSelection(Selection(**saved), [Probe(**p) for p in info.get("probes", [])])
+
+
 def _local_stage(student: nn.Module, teacher: nn.Module, train_set, plan, options: SearchOptions,
                  eval_batches: Sequence[torch.Tensor], progress: bool) -> LocalResult:
     """Block-wise distillation of the assembled model (in place), capped at ``batches_per_epoch``."""
@@ -438,14 +490,16 @@ def _local_stage(student: nn.Module, teacher: nn.Module, train_set, plan, option
                          progress=progress)
 
 
-def predicted_frontier(table: CandidateTable, budgets: Sequence[float] | None = None) -> list[Selection]:
-    """Selections across latency budgets from the table alone (instant: only solves)."""
-    low = fastest(table).predicted_ratio
+def predicted_frontier(table: CandidateTable, budgets: Sequence[float] | None = None, *,
+                       savings_scale: float = 1.0) -> list[Selection]:
+    """Selections across latency budgets from the table alone (instant: only solves), its savings scaled by
+    ``savings_scale`` (the factor a search measured on assembled plans)."""
+    low = fastest(table, savings_scale=savings_scale).predicted_ratio
     budgets = budgets or [low + (1 - low) * i / 10 for i in range(11)]
     out = []
     for b in budgets:
         try:
-            out.append(select(table, latency_budget=b))
+            out.append(select(table, latency_budget=b, savings_scale=savings_scale))
         except Exception:  # below the fastest plan
             continue
     return out
@@ -456,7 +510,7 @@ def frontier_points(table: CandidateTable, result: SearchResult) -> list[Point]:
     and the searched model (measured; agreement with the original as accuracy)."""
     # the drop adds per-unit damages, so it can pass 100 points on large plans: agreement stops at 0
     pts = [Point(f"{s.predicted_ratio:.2f}", "predicted", s.predicted_latency_ms, max(0.0, 1 - s.predicted_drop / 100))
-           for s in predicted_frontier(table)]
+           for s in predicted_frontier(table, savings_scale=result.selection.savings_scale)]
     pts.append(Point("original", "original", result.base_latency_ms, 1.0))
     if result.agreement is not None:
         pts.append(Point("searched", "searched", result.measured_latency_ms, result.agreement,

@@ -106,3 +106,29 @@ def test_infeasible_budget(searched, digits_checkpoint, tmp_path):
         search(digits_checkpoint, "digits", tmp_path / "o", latency_budget=0.01, options=quick(),
                cache=out / "candidates.json")
     assert not (tmp_path / "o" / "searched.repconv.safetensors").exists()
+
+
+def test_latency_budget_is_checked_on_the_assembled_model_and_resume_keeps_the_choice(searched, digits_checkpoint,
+                                                                                     tmp_path):
+    from repconv.search.select import fastest
+    from repconv.search.table import load_table
+
+    out, _ = searched
+    table = load_table(out / "candidates.json")
+    budget = round(1 - (1 - fastest(table).predicted_ratio) / 2, 3)  # half the table's largest saving
+    # a wide tolerance: this checks the plumbing; test_measured checks the loop on known latencies
+    opts = quick(local=LocalOptions(epochs=0), global_epochs=0, latency_tolerance=0.9)
+    said: list[str] = []
+    res = search(digits_checkpoint, "digits", tmp_path / "o", latency_budget=budget, options=opts,
+                 cache=out / "candidates.json", progress=said.append)
+    assert res.table_reused and len(res.latency_probes) == 1
+    probe = res.latency_probes[0]
+    assert probe["choice"] == res.selection.choice and probe["savings_scale"] == 1.0
+    assert probe["predicted_ratio"] == pytest.approx(res.selection.predicted_ratio)
+    assert probe["measured_ratio"] <= budget * 1.9 and any("assembled plan" in m for m in said)
+    assert json.loads((tmp_path / "o" / "search.json").read_text())["latency_probes"] == res.latency_probes
+    said.clear()  # resuming on the same table and budget keeps the choice and does not time it again
+    again = search(digits_checkpoint, "digits", tmp_path / "o", latency_budget=budget, options=opts,
+                   cache=out / "candidates.json", progress=said.append, resume=True)
+    assert again.selection.choice == res.selection.choice and again.latency_probes == res.latency_probes
+    assert not any("assembled plan" in m for m in said)
