@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from helpers import BASE, SPEC, make_table
+from helpers import BASE, make_table
 
 from repconv.errors import OptionError, PlanError
 from repconv.search.measured import Probe, fit_scale, select_measured
@@ -45,7 +45,8 @@ def test_savings_that_shrink_in_the_whole_model_are_fitted_and_the_budget_met():
 
 def test_a_budget_no_plan_meets_when_measured_names_the_fastest():
     measure, _ = whole_model(0.5)  # the fastest plan saves 0.525 in the table, 0.26 in the whole model
-    with pytest.raises(PlanError, match=r"1 assembled plan.* 0\.787 .*shrink to 0\.50x.*predicted at 0\.738 .*0\.74 or more"):
+    expected = r"1 assembled plan.* 0\.787 .*shrink to 0\.50x.*predicted at 0\.738 .*0\.74 or more"
+    with pytest.raises(PlanError, match=expected):
         select_measured(make_table(), 0.6, measure)
 
 
