@@ -6,7 +6,8 @@ searched plan (converted, locally distilled, globally distilled); the uniform po
 replacement ``every 2`` get the same recovery (local + global epochs). All forms are then timed together
 (interleaved, one measure_models call) and scored on the held-out split. Checks written to the JSON:
 searched >= every uniform policy whose measured latency is equal or higher; no searched model slower than the
-original; predicted latency within 10% of measured.
+original; predicted latency within 10% of measured. A budget that no plan meets once measured on the assembled
+model (``search`` re-solves with the savings it shows) is recorded as refused, with the reason.
 
     PYTHONPATH=. python benchmarks/search_pareto.py --arch resnet50 [--budgets 0.9 0.75 0.6] [--quick]
 """
@@ -25,6 +26,7 @@ from paper_common import err, finish, machine, save_partial
 
 import repconv
 from repconv.data import digits
+from repconv.errors import PlanError
 from repconv.search.damage import DamageOptions
 from repconv.search.latency import measure_models
 from repconv.search.pareto import Point, pareto_table, plot
@@ -51,6 +53,7 @@ def main() -> None:
     ap.add_argument("--target", default="ort-cpu")
     ap.add_argument("--local-epochs", type=int, default=3)
     ap.add_argument("--global-epochs", type=int, default=7)
+    ap.add_argument("--global-lr", type=float, default=1e-3)
     ap.add_argument("--damage-steps", type=int, default=40)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--batches-per-epoch", type=int, default=None)
@@ -89,14 +92,21 @@ def main() -> None:
         opts = SearchOptions(target=args.target, threads=args.threads,
                              damage=DamageOptions(steps=args.damage_steps, batch_size=args.batch_size),
                              local=LocalOptions(epochs=args.local_epochs, batch_size=args.batch_size),
-                             global_epochs=args.global_epochs, batches_per_epoch=args.batches_per_epoch,
+                             global_epochs=args.global_epochs, global_lr=args.global_lr,
+                             batches_per_epoch=args.batches_per_epoch,
                              **search_quick)
         cache = tmp / "candidates.json"
         models = {"original": teacher}
         for b in args.budgets:
             err.print(f"search at latency budget {b}")
-            res = search(ckpt, train_set, tmp / f"search-{b}", val_data=val_set, latency_budget=b, options=opts,
-                         cache=cache, progress=err.print)
+            try:
+                res = search(ckpt, train_set, tmp / f"search-{b}", val_data=val_set, latency_budget=b, options=opts,
+                             cache=cache, progress=err.print)
+            except PlanError as exc:  # measured on the assembled model, no plan reaches it
+                err.print(f"budget {b} refused: {exc}")
+                result["refused"] = result.get("refused", {}) | {str(b): str(exc)}
+                save_partial(result, args.out)
+                continue
             student = repconv.load(res.checkpoint) if res.checkpoint else teacher
             name = f"searched-{b}"
             models[name] = latency_model(teacher, repconv.load_checkpoint(res.checkpoint).meta.plan) \
@@ -105,6 +115,8 @@ def main() -> None:
                                         "predicted_latency_ms": res.predicted_latency_ms,
                                         "predicted_ratio": res.selection.predicted_ratio,
                                         "predicted_drop": res.predicted_drop, "val_acc": evaluate(student, val_set),
+                                        "savings_scale": res.selection.savings_scale,
+                                        "latency_probes": res.latency_probes,
                                         "agreement": res.agreement, "table_reused": res.table_reused,
                                         "seconds": res.seconds, "loadavg_1m": round(os.getloadavg()[0], 2)}
             save_partial(result, args.out)
@@ -116,7 +128,7 @@ def main() -> None:
                 refit_layers(student, teacher, list(train_set.tensors[0][:opts.refit_images].split(64)))
             local = LocalOptions(epochs=args.local_epochs, batch_size=args.batch_size,
                                  steps_per_epoch=args.batches_per_epoch)
-            gcfg = TrainConfig(epochs=args.global_epochs, objective="distill", trainable="all", lr=1e-3,
+            gcfg = TrainConfig(epochs=args.global_epochs, objective="distill", trainable="all", lr=args.global_lr,
                                batch_size=args.batch_size, batches_per_epoch=args.batches_per_epoch)
             blockwise_recovery(student, teacher, train_set, plan=conv.plan, local=local, global_config=gcfg,
                                val_set=val_set)
