@@ -313,8 +313,12 @@ def ort_session(model: onnx.ModelProto | str | os.PathLike, level: str = "all", 
             return ort.InferenceSession(source, options, providers=providers)
         except Exception as exc:  # onnxruntime's own Fail / InvalidGraph types
             name = source if isinstance(source, str) else "the graph"
-            raise InputFileError(f"ONNX Runtime cannot load '{name}': {str(exc).splitlines()[0][:160]}",
-                                 "re-export it with an opset this onnxruntime supports") from exc
+            first = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+            gpu = [p for p in providers if p != "CPUExecutionProvider"]
+            fix = "re-export it with an opset this onnxruntime supports"
+            if gpu:  # the provider's own libraries fail at session creation too: name both causes
+                fix += f", or check the libraries that {', '.join(gpu)} needs (CUDA, cuDNN, TensorRT)"
+            raise InputFileError(f"ONNX Runtime cannot load '{name}': {first}", fix) from exc
 
     if isinstance(model, (str, os.PathLike)):
         return session(str(model))

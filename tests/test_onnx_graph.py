@@ -7,7 +7,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from repconv.errors import DependencyError, OptionError
+from repconv.errors import DependencyError, InputFileError, OptionError
 from repconv.onnx_graph import ort_providers, ort_session, run_onnx
 
 
@@ -32,3 +32,16 @@ def test_named_providers_are_checked(small_onnx):
         ort_session(small_onnx, providers=["NoSuchExecutionProvider"])
     with pytest.raises(OptionError, match=r"providers=\[\] names no execution provider"):
         ort_session(small_onnx, providers=[])
+
+
+def test_a_load_failure_names_the_providers_libraries_only_when_one_was_asked_for(tmp_path):
+    bad = tmp_path / "model.onnx"
+    bad.write_bytes(b"not an onnx graph")
+    with pytest.raises(InputFileError, match="opset this onnxruntime supports") as cpu:
+        ort_session(bad)
+    assert "libraries" not in str(cpu.value)
+    other = [p for p in ort.get_available_providers() if p != "CPUExecutionProvider"]
+    if not other:
+        pytest.skip("this onnxruntime has only the CPU provider")
+    with pytest.raises(InputFileError, match=rf"opset .* or check the libraries that {other[0]} needs"):
+        ort_session(bad, providers=[other[0], "CPUExecutionProvider"])

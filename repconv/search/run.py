@@ -370,6 +370,7 @@ def search(model, data, output: str | os.PathLike, *, latency_budget: float | No
             if info.get("plan_digest") == plan.digest() and info.get("phase") in ("local", "global"):
                 student, done_local = prior.model, True
                 local_skipped = bool(info.get("local_skipped", False))
+                agree_local = info.get("agreement_after_local")  # measured when the local stage ended
                 say("resuming after the local stage")
         if not done_local:
             conv = convert(loaded, plan=plan)
@@ -392,12 +393,11 @@ def search(model, data, output: str | os.PathLike, *, latency_budget: float | No
                 local_res = _local_stage(student, teacher, train_set, plan, options, eval_batches,
                                          progress is not None)
                 seconds["local"] = round(time.perf_counter() - t0, 1)
-                meta.extra["search"]["phase"] = "local"
+                agree_local = agreement(student, teacher, eval_batches)
+                meta.extra["search"] |= {"phase": "local", "agreement_after_local": agree_local}
                 save(ckpt, student, meta)
         else:
             meta = copy.deepcopy(prior.meta)
-        if not local_skipped:
-            agree_local = agreement(student, teacher, eval_batches)
         if options.global_epochs > 0:
             t0 = time.perf_counter()
             cfg = TrainConfig(epochs=options.global_epochs, lr=options.global_lr, objective=options.global_objective,

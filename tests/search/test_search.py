@@ -108,8 +108,11 @@ def test_infeasible_budget(searched, digits_checkpoint, tmp_path):
     assert not (tmp_path / "o" / "searched.repconv.safetensors").exists()
 
 
-def test_latency_budget_is_checked_on_the_assembled_model_and_resume_keeps_the_choice(searched, digits_checkpoint,
-                                                                                     tmp_path):
+def test_latency_budget_is_checked_on_the_assembled_model_and_resume_keeps_what_was_done(searched,
+                                                                                        digits_checkpoint, tmp_path):
+    import torch
+
+    from repconv.checkpoint import save
     from repconv.search.select import fastest
     from repconv.search.table import load_table
 
@@ -117,7 +120,7 @@ def test_latency_budget_is_checked_on_the_assembled_model_and_resume_keeps_the_c
     table = load_table(out / "candidates.json")
     budget = round(1 - (1 - fastest(table).predicted_ratio) / 2, 3)  # half the table's largest saving
     # a wide tolerance: this checks the plumbing; test_measured checks the loop on known latencies
-    opts = quick(local=LocalOptions(epochs=0), global_epochs=0, latency_tolerance=0.9)
+    opts = quick(global_epochs=0, latency_tolerance=0.9)
     said: list[str] = []
     res = search(digits_checkpoint, "digits", tmp_path / "o", latency_budget=budget, options=opts,
                  cache=out / "candidates.json", progress=said.append)
@@ -127,8 +130,19 @@ def test_latency_budget_is_checked_on_the_assembled_model_and_resume_keeps_the_c
     assert probe["predicted_ratio"] == pytest.approx(res.selection.predicted_ratio)
     assert probe["measured_ratio"] <= budget * 1.9 and any("assembled plan" in m for m in said)
     assert json.loads((tmp_path / "o" / "search.json").read_text())["latency_probes"] == res.latency_probes
+    # interrupted during the global stage: the weights have moved on since the local stage ended
+    ckpt = tmp_path / "o" / "searched.repconv.safetensors"
+    loaded = repconv.load_checkpoint(ckpt)
+    with torch.no_grad():
+        for p in loaded.model.parameters():
+            p.add_(torch.randn_like(p))
+    loaded.meta.extra["search"] |= {"phase": "global"}
+    save(ckpt, loaded.model, loaded.meta)
     said.clear()  # resuming on the same table and budget keeps the choice and does not time it again
     again = search(digits_checkpoint, "digits", tmp_path / "o", latency_budget=budget, options=opts,
                    cache=out / "candidates.json", progress=said.append, resume=True)
     assert again.selection.choice == res.selection.choice and again.latency_probes == res.latency_probes
-    assert not any("assembled plan" in m for m in said)
+    assert not any("assembled plan" in m for m in said) and any("resuming after the local stage" in m for m in said)
+    assert again.agreement_after_local == res.agreement_after_local  # as measured then, not on the moved weights
+    assert again.agreement != res.agreement
+
