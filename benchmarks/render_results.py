@@ -139,9 +139,52 @@ def bn_stats(r: dict) -> str:
                                    rows)
 
 
+def blockwise(r: dict) -> str:
+    """benchmarks/blockwise_recovery.py: each arm's accuracy after the control's budget, against the control."""
+    parts = [machine_line(r)]
+    for a in r["accuracy"]:
+        o = a["original"]
+        controls = ", ".join(f"{pct(c['val_acc'])} at lr {c['lr']:g}" for c in o.get("controls", [])) \
+            or pct(o["val_acc_finetuned"])
+        parts.append(f"{a['arch']} at {a['input_size']}px: original {pct(o['val_acc'])}; control (fine-tuned on "
+                     f"labels, the best counts) {controls}.")
+        rows = []
+        for form, f in a["forms"].items():
+            for name, arm in f["arms"].items():
+                rows.append([form, f"`{name}`", pct(f["val_acc_converted"]), pct(arm.get("val_acc_after_refit")),
+                             pct(arm["val_acc"]), f"{100 * (arm['val_acc'] - o['val_acc_finetuned']):+.2f}"])
+        parts.append(table(["form", "arm", "converted", "after the refit", "after recovery", "vs control (points)"],
+                           rows))
+    return "\n\n".join(parts)
+
+
+def search_pareto(r: dict) -> str:
+    """benchmarks/search_pareto.py: searched plans at each budget and the uniform policies, timed together."""
+    base = r["original"]["latency_ms"]
+    rows = [["original", "-", f"- / {base:.2f} ms", "1.00x", pct(r["original"]["val_acc"]), "-", "-"]]
+    for s in r["searched"].values():
+        probes = s.get("latency_probes") or []
+        rows.append([f"searched, budget {s['budget']}", str(len(s["choice"])),
+                     f"{s['predicted_ratio']:.3f} / {s['latency_ms'] / base:.3f} ({s['predicted_vs_measured']:+.1%})",
+                     f"{s['speedup']:.2f}x", pct(s["val_acc"]), pct(s["agreement"]),
+                     ", ".join(f"{p['measured_ratio']:.3f}" for p in probes) or "-"])
+    for name, u in r["uniform"].items():
+        rows.append([name, "all" if name.startswith("pf") else "-", f"- / {u['latency_ms'] / base:.3f}",
+                     f"{u['speedup']:.2f}x", pct(u["val_acc"]), pct(u["agreement"]), "-"])
+    parts = [machine_line(r), table(["model", "units converted", "predicted / measured latency", "speed-up",
+                                     "val acc", "agreement with the original", "assembled plans timed to select"],
+                                    rows)]
+    checks = [f"* {name}: " + ", ".join(f"{k} {v}" for k, v in c.items() if k != "uniform_compared")
+              + f" (uniform policies compared: {', '.join(c['uniform_compared']) or 'none'})"
+              for name, c in r.get("checks", {}).items()]
+    refused = [f"* budget {b} refused: {why}" for b, why in r.get("refused", {}).items()]
+    return "\n\n".join([*parts, "\n".join(checks + refused)] if checks or refused else parts)
+
+
 RENDER = {"paper_replacement_scratch": scratch, "paper_replacement_pretrained": pretrained,
           "paper_parameter_free": parameter_free, "paper_deployment": deployment,
-          "torch_memory_format": memory_format, "bn_stats_recovery": bn_stats}
+          "torch_memory_format": memory_format, "bn_stats_recovery": bn_stats, "blockwise_recovery": blockwise,
+          "search_pareto": search_pareto}
 
 
 def main() -> None:

@@ -40,7 +40,7 @@ UNIFORM = {"pf-all": {"method": "parameter-free", "pf_policy": "all"},
            "replace-every-2": {"method": "replacement", "every": 2}}
 # --quick: the search's table on layer3's units only, from 64 images, timed in one short round
 QUICK_SEARCH = {"units": ("layer3.*",), "train_images": 64, "eval_images": 64, "latency_rounds": 1, "latency_block": 3,
-                "latency_warmup": 1, "verify_rounds": 1}
+                "latency_warmup": 1, "verify_rounds": 1, "latency_tolerance": 0.1}  # one short round: noisy timings
 
 
 def main() -> None:
