@@ -39,8 +39,8 @@ from repconv.options import BnStats, CalibrateSelect, Objective, Optimizer, Trai
 
 ObjectiveOpt = Annotated[Objective, typer.Option("--objective", help="ce (labels) | distill (KL to the teacher; "
                                                  "unlabeled data works) | both")]
-TrainOpt = Annotated[Trainable, typer.Option("--train", help="scalars | norm (scalars + norm affine + classifier) "
-                                             "| all")]
+TrainOpt = Annotated[Trainable, typer.Option("--train", help="auto (scalars; all for a parameter-free conversion) | "
+                                             "scalars | norm (scalars + norm affine + classifier) | all")]
 
 
 def _config(values: dict):
@@ -86,7 +86,7 @@ def calibrate(model: ModelArg, data: DataOpt, output: OutOpt, teacher: TeacherOp
 
 
 def finetune(model: ModelArg, data: DataOpt, output: OutOpt, teacher: TeacherOpt = None,
-             teacher_arch: TeacherArchOpt = None, objective: ObjectiveOpt = "ce", train: TrainOpt = "scalars",
+             teacher_arch: TeacherArchOpt = None, objective: ObjectiveOpt = "ce", train: TrainOpt = "auto",
              val_data: ValDataOpt = None,
              epochs: EpochsOpt = 3, batch_size: BatchSizeOpt = 64, lr: LrOpt = 1e-3,
              optimizer: Annotated[Optimizer, typer.Option("--optimizer", help="adamw | sgd")] = "adamw",

@@ -175,7 +175,10 @@ def classifier_params(model: nn.Module) -> list[str]:
 
 
 def set_trainable(model: nn.Module, mode: str) -> list[str]:
-    """Freeze everything outside ``mode``'s set; return the names of the trainable parameters."""
+    """Freeze everything outside ``mode``'s set; return the names of the trainable parameters. ``auto``: the
+    replaced units' scalars, or every parameter when the model has none (``finetune`` decides by the plan)."""
+    if mode == "auto":
+        mode = "scalars" if replaced_units(model) else "all"
     if mode == "all":
         names = {n for n, _ in model.named_parameters()}
     else:

@@ -51,7 +51,7 @@ __all__ = [
 # docs/results.md 2.6): recovering a pretrained model freezes the statistics and never writes a model worse
 # than its input; training from scratch updates them and writes the last epoch (the papers' protocol).
 FINETUNE_DEFAULTS = TrainConfig(epochs=3, batch_size=64, lr=1e-3, optimizer="adamw", weight_decay=1e-4,
-                                warmup_epochs=0.0, objective="ce", trainable="scalars", bn_stats="auto",
+                                warmup_epochs=0.0, objective="ce", trainable="auto", bn_stats="auto",
                                 keep="best")
 TRAIN_DEFAULTS = TrainConfig(epochs=30, batch_size=64, lr=0.1, optimizer="sgd", weight_decay=5e-4,
                              warmup_epochs=1.0, objective="ce", trainable="all", bn_stats="update", keep="last")
@@ -313,6 +313,15 @@ def _fit(model: nn.Module, meta: CheckpointMeta, cfg: TrainConfig, *, train_set,
                resume=resume, progress=progress)
 
 
+def _resolve_trainable(cfg: TrainConfig, meta: CheckpointMeta) -> TrainConfig:
+    """``auto``: the replaced units' scalars, or every weight where a parameter-free step left no scalar to train
+    for what it removed (the layers after each pool must learn again; docs/results.md 2.7a)."""
+    if cfg.trainable != "auto":
+        return cfg
+    parameter_free = meta.plan is not None and bool(meta.plan.parameter_free_steps)
+    return dataclasses.replace(cfg, trainable="all" if parameter_free else "scalars")
+
+
 def _resolve_bn_stats(cfg: TrainConfig, meta: CheckpointMeta) -> TrainConfig:
     """``auto``: keep the pretrained statistics (freeze), except where a parameter-free step changed what the
     norms after it see (pools in place of convs): those statistics must be learned again (update). Measured:
@@ -338,7 +347,7 @@ def finetune(model: ModelLike, *, data: str | os.PathLike, output: str | os.Path
     """
     cfg = _config(FINETUNE_DEFAULTS, config, overrides)
     loaded = load_checkpoint(model, trust_pickle=trust_pickle)
-    cfg = _resolve_bn_stats(cfg, loaded.meta)
+    cfg = _resolve_trainable(_resolve_bn_stats(cfg, loaded.meta), loaded.meta)
     t = _load_teacher(teacher, f"the {cfg.objective} objective", trust_pickle, teacher_arch,
                       loaded.meta) if cfg.objective != "ce" else None
     spec = data_spec(loaded.meta, input_size, mean, std)

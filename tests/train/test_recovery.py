@@ -32,3 +32,15 @@ def test_parameter_free_hybrid_then_both_all_within_two_points(digits_checkpoint
                          objective="both", train="all", epochs=6, batch_size=64, lr=1e-2, warmup_epochs=0.5,
                          output=tmp_path / "pf_ft.repconv.safetensors")
     assert r.val_acc >= teacher_acc - 0.020, f"recovered {r.val_acc:.2%} vs original {teacher_acc:.2%}"
+
+
+def test_the_default_trainable_set_follows_the_plan(digits_checkpoint, tmp_path):
+    """``--train auto``: a parameter-free conversion has no scalars, so every weight trains; a replaced one trains
+    its scalars (before, the default ``scalars`` refused a parameter-free checkpoint)."""
+    quick = {"data": "digits", "epochs": 1, "batches_per_epoch": 1, "batch_size": 16}
+    for method, expected in (("parameter-free", "all"), ("replacement", "scalars")):
+        path = tmp_path / f"{method}.repconv.safetensors"
+        repconv.convert(digits_checkpoint, method=method, output=path)
+        r = repconv.finetune(path, output=tmp_path / f"{method}_ft.repconv.safetensors", **quick)
+        assert r.train == expected
+        assert (r.trainable_params == r.total_params) == (expected == "all")
