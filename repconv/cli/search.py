@@ -9,6 +9,7 @@ import typer
 
 from repconv.cli import render, render_run
 from repconv.cli.options import ArchOpt, JsonOpt, ModelArg, NumClassesOpt, TrustOpt
+from repconv.options import Device
 
 TARGETS = "ort-cpu | ort-cuda | tensorrt | torch-nchw | torch-channels-last"
 
@@ -31,6 +32,8 @@ def search(model: ModelArg,
            refresh: Annotated[bool, typer.Option("--refresh", help="rebuild the candidate table")] = False,
            resume: Annotated[bool, typer.Option("--resume", help="continue an interrupted search")] = False,
            threads: Annotated[int, typer.Option("--threads", help="CPU threads for latency")] = 2,
+           device: Annotated[Device, typer.Option("--device", help="cpu | cuda: where the candidates, the refit and "
+                                                  "the local stage train and torch targets run")] = "cpu",
            latency_checks: Annotated[int, typer.Option("--latency-checks", help="with --latency-budget: time the "
                                                        "assembled plan and re-solve with the savings it shows, at "
                                                        "most this many times (0: trust the table)")] = 3,

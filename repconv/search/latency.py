@@ -52,10 +52,10 @@ def check_target(target: str, device: str = "cpu") -> None:
 
 def export_onnx_file(model: nn.Module, example: torch.Tensor, path: Path) -> Path:
     """Plain fp32 ONNX of ``model`` (legacy TorchScript exporter: fast for small graphs)."""
-    model = copy.deepcopy(model).eval()
+    model = copy.deepcopy(model).cpu().eval()  # a candidate trained on the GPU is exported from the CPU
     with torch.no_grad():
-        torch.onnx.export(model, (example,), str(path), dynamo=False, input_names=["input"], output_names=["output"],
-                          opset_version=17, do_constant_folding=True)
+        torch.onnx.export(model, (example.cpu(),), str(path), dynamo=False, input_names=["input"],
+                          output_names=["output"], opset_version=17, do_constant_folding=True)
     return path
 
 

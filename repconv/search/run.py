@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from repconv.errors import DataError, OptionError, OutputError
-from repconv.options import Objective, check_choices
+from repconv.options import Device, Objective, check_choices
 from repconv.search.candidates import KINDS, assemble_plan, enumerate_candidates
 from repconv.search.damage import DamageOptions, build_views, measure_damage
 from repconv.search.latency import check_target, measure_models, measure_unit_deltas
@@ -36,7 +36,7 @@ from repconv.search.pareto import Point, pareto_table, plot
 from repconv.search.select import Selection, check_budget, fastest, select
 from repconv.search.table import CandidateTable, Figures, data_digest, load_table, model_digest, now_utc, table_key
 from repconv.train.calibrate import refit_layers
-from repconv.train.local import LocalOptions, LocalResult, local_distill
+from repconv.train.local import LocalOptions, LocalResult, device_of, local_distill
 from repconv.train.refit import has_pools
 
 TABLE_FILE, PARTIAL_FILE = "candidates.json", "candidates.partial.json"
@@ -48,7 +48,7 @@ class SearchOptions:
     """Everything that decides the candidate table (``table_settings``) and the recovery of the result."""
 
     target: str = "ort-cpu"
-    device: str = "cpu"
+    device: Device = "cpu"  # where the table's candidates, the refit and the local stage train, and torch targets run
     threads: int = 2
     latency_batch: int = 1
     latency_rounds: int = 5
@@ -216,6 +216,7 @@ def build_table(teacher: nn.Module, train_set, val_set, *, options: SearchOption
     if not train_batches or not eval_batches:
         raise DataError("the search data holds no images", "give a folder with images")
     units = enumerate_candidates(teacher, leaves=leaves, kinds=options.kinds, units=options.units)
+    work = on_device(teacher, options.device)
     example = eval_batches[0][:1].expand(options.latency_batch, *eval_batches[0].shape[1:]).contiguous()
     settings = options.table_settings(example.shape)
     key = table_key(model_digest(teacher), data_digest(train_batches + eval_batches), options.target, settings)
@@ -224,7 +225,7 @@ def build_table(teacher: nn.Module, train_set, val_set, *, options: SearchOption
         return load_table(cache, expect_key=key, expect_units=[u.unit for u in units]), True
     partial = cache.with_name(cache.stem + ".partial.json") if cache is not None else None
     seconds: dict = {}
-    views = build_views(teacher, units)
+    views = build_views(work, units)
     damage = None
     if partial is not None and partial.exists() and not refresh:
         saved = json.loads(partial.read_text())
@@ -234,8 +235,8 @@ def build_table(teacher: nn.Module, train_set, val_set, *, options: SearchOption
     if damage is None:
         t0 = time.perf_counter()
         say(f"measuring accuracy damage of {sum(len(v) for v in views.values())} candidates")
-        damage = measure_damage(teacher, units, train_batches, eval_batches, options.damage, views=views,
-                                progress=say)
+        damage = measure_damage(work, units, _to(train_batches, work), _to(eval_batches, work), options.damage,
+                                views=views, progress=say)
         seconds["damage"] = round(time.perf_counter() - t0, 1)
         if partial is not None:
             from repconv.io import write_text_atomic
@@ -267,13 +268,25 @@ def build_table(teacher: nn.Module, train_set, val_set, *, options: SearchOption
 
 
 def agreement(model: nn.Module, teacher: nn.Module, batches: Sequence[torch.Tensor]) -> float:
+    """Top-1 agreement of ``model`` with ``teacher`` on ``batches`` (each run where its weights are)."""
     same = total = 0
     model.eval()
     with torch.no_grad():
         for x in batches:
-            same += int((model(x).argmax(1) == teacher(x).argmax(1)).sum())
+            mine = model(x.to(device_of(model))).argmax(1).cpu()
+            same += int((mine == teacher(x.to(device_of(teacher))).argmax(1).cpu()).sum())
             total += len(x)
     return same / max(total, 1)
+
+
+def on_device(model: nn.Module, device: str) -> nn.Module:
+    """``model`` itself on the CPU, else a copy on ``device`` (the original stays on the CPU, where it is timed and
+    exported)."""
+    return model if torch.device(device).type == "cpu" else copy.deepcopy(model).to(device)
+
+
+def _to(batches: Sequence[torch.Tensor], model: nn.Module) -> list[torch.Tensor]:
+    return [x.to(device_of(model)) for x in batches]
 
 
 def _labeled_accuracy(model: nn.Module, ds) -> float | None:
@@ -363,6 +376,7 @@ def search(model, data, output: str | os.PathLike, *, latency_budget: float | No
     else:
         from repconv.conversion import convert
 
+        work = on_device(teacher, options.device)  # the teacher where the refit and the local stage run
         done_local = False
         if resume and ckpt.exists():
             prior = load_checkpoint(ckpt)
@@ -382,7 +396,8 @@ def search(model, data, output: str | os.PathLike, *, latency_budget: float | No
                                     "probes": [p.to_dict() for p in chosen.probes], "local_skipped": local_skipped}
             if options.refit and has_pools(plan):
                 say("refitting the layers after the new pools (least squares)")
-                cal = refit_layers(student, teacher, _images(train_set, options.refit_images, 64))
+                student.to(device_of(work))
+                cal = refit_layers(student, work, _to(_images(train_set, options.refit_images, 64), work))
                 refit_res = cal.refit | {"kept_input": cal.kept_input, "kl_before": cal.kl_before,
                                          "kl_after": cal.kl_after}
                 meta.extra["search"]["refit"] = {k: refit_res[k] for k in ("mean_error_before", "mean_error_after")}
@@ -390,10 +405,11 @@ def search(model, data, output: str | os.PathLike, *, latency_budget: float | No
                 say("local distillation skipped (0 local epochs)")
             else:
                 t0 = time.perf_counter()
-                local_res = _local_stage(student, teacher, train_set, plan, options, eval_batches,
+                student.to(device_of(work))
+                local_res = _local_stage(student, work, train_set, plan, options, _to(eval_batches, work),
                                          progress is not None)
                 seconds["local"] = round(time.perf_counter() - t0, 1)
-                agree_local = agreement(student, teacher, eval_batches)
+                agree_local = agreement(student, work, eval_batches)
                 meta.extra["search"] |= {"phase": "local", "agreement_after_local": agree_local}
                 save(ckpt, student, meta)
         else:
@@ -409,11 +425,11 @@ def search(model, data, output: str | os.PathLike, *, latency_budget: float | No
                                                                        "epoch": metrics.get("epoch")}
                 save(ckpt, m, meta)
 
-            res = fit(student, train_set, cfg, teacher=teacher, save_model=save_model, output=ckpt, resume=resume,
+            res = fit(student, train_set, cfg, teacher=work, save_model=save_model, output=ckpt, resume=resume,
                       progress=progress is not None)
             history = res.history
             seconds["global"] = round(time.perf_counter() - t0, 1)
-        student.eval()
+        student.cpu().eval()  # verified on the CPU beside the original
         meta.extra["search"] = meta.extra.get("search", {}) | {"phase": "done"}
         save(ckpt, student, meta)
         Path(f"{ckpt}.state.pt").unlink(missing_ok=True)  # the global stage's resume state: no longer needed

@@ -267,6 +267,13 @@ def image_batches(data: Dataset | Sequence[torch.Tensor] | torch.Tensor, batch_s
         yield item[0] if isinstance(item, (list, tuple)) else item
 
 
+def device_of(model: nn.Module) -> torch.device:
+    """Where ``model``'s parameters live (CPU for a model without parameters): batches read from a dataset on the
+    CPU are moved there before a forward."""
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
 def _count(data) -> int:
     try:
         return len(data)
@@ -303,7 +310,7 @@ class _Capture:
         self.inputs.clear()
         self.outputs.clear()
         with torch.no_grad():
-            teacher(x)
+            teacher(x.to(device_of(teacher)))
 
     def close(self) -> None:
         for h in self.handles:
@@ -507,7 +514,7 @@ def recalibrate_norms(student: nn.Module, units: Sequence[str], data, options: L
         for i, x in enumerate(image_batches(data, options.batch_size, shuffle=True, seed=options.seed)):
             if i >= options.recalibrate_batches:
                 break
-            student(x)
+            student(x.to(device_of(student)))
     student.eval()
 
 

@@ -32,6 +32,7 @@ from repconv.errors import InputFileError, OptionError
 from repconv.io import atomic_path
 from repconv.options import Amp, BnStatsChoice, Keep, Objective, Optimizer, Trainable, check_choices
 from repconv.progress import progress
+from repconv.train.local import device_of
 from repconv.train.recovery import (
     HOLDOUT_FRACTION,
     HOLDOUT_MAX,
@@ -348,6 +349,7 @@ def _fit(model, train_set, cfg, val_set, teacher, save_model, output, resume, pr
             val_source, held = "holdout", len(val_set)
     trainable = set_trainable(model, cfg.trainable)
     model.to(device)
+    teacher_device = device_of(teacher) if teacher is not None else None
     if teacher is not None:
         teacher.to(device).eval().requires_grad_(False)
     net = model
@@ -415,6 +417,8 @@ def _fit(model, train_set, cfg, val_set, teacher, save_model, output, resume, pr
     result.val_acc, result.agreement = chosen.get("val_acc"), chosen.get("agreement")
     result.ranks_in_sync = _ranks_in_sync(model, device)
     model.cpu().eval()
+    if teacher is not None:  # back where the caller keeps it (the search times and scores it on the CPU after)
+        teacher.to(teacher_device)
     return result
 
 
