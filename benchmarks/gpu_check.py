@@ -21,6 +21,11 @@ its checks, every check ``ok`` / ``failed`` (with the error) / ``skipped`` (with
    a third arm runs the replaced units' synthesis through plain autograd instead of ``Synthesis``.
 4. ``ddp``: ``repconv.train.loop.fit`` and an explicit DistributedDataParallel loop under ``torchrun``
    (world size 1, NCCL) against the same runs without a process group.
+5. ``search``: ``repconv search`` of a cifar_resnet20 on digits (layer3's units, a few batches a stage) with
+   ``--device cuda``: the candidate table, the refit and the local stage on the GPU, latency on the ``torch-nchw``
+   target on the GPU, then ``ort-cuda`` and ``tensorrt`` targets where ONNX Runtime has their providers; the
+   searched checkpoint must load on the CPU, fold within 1e-5 and export verified ONNX. The CPU dry run does the
+   same on the CPU.
 
 Uses no network and imports only what the machine has: parts that need a missing package are skipped
 with the reason. ``--device cpu --quick`` runs every CPU-runnable piece at toy scale (under 90 s on
@@ -56,9 +61,10 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 SCHEMA = "repconv-gpu-check/1"
-PARTS = ("correctness_digits", "correctness_resnet50", "cli", "latency_parameter_free", "training_cost", "ddp")
+PARTS = ("correctness_digits", "correctness_resnet50", "cli", "latency_parameter_free", "training_cost", "ddp",
+         "search")
 CAPS_S = {"correctness_digits": 50, "correctness_resnet50": 110, "cli": 50, "latency_parameter_free": 90,
-          "training_cost": 80, "ddp": 50}  # full run; each part is also bounded by what is left of --budget-s
+          "training_cost": 80, "ddp": 50, "search": 90}  # full run; each part is also capped by what --budget-s leaves
 QUICK_CAPS_S = dict.fromkeys(PARTS, 90)  # toy work (a few seconds each on 2 quiet cores); generous for busy CI
 TOLERANCES = {  # CUDA run vs CPU run of the same pipeline from the same original weights and data order
     "converted_logits_max_rel": 1e-2,  # before training, eval, fp32 (cuDNN may use TF32 convolutions)
@@ -909,6 +915,72 @@ def part_ddp(args, deadline: Deadline) -> dict:
 # ---------------------------------------------------------------- driver and report
 
 
+# ---------------------------------------------------------------- part 5: the search on the device
+
+SEARCH_TARGETS = {"torch-nchw": None, "ort-cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
+
+
+def _search_once(ckpt: Path, out: Path, device: str, target: str) -> dict:
+    import repconv
+    from repconv.search.damage import DamageOptions
+    from repconv.search.run import SearchOptions, search
+    from repconv.train.local import LocalOptions
+
+    opts = SearchOptions(target=target, device=device, threads=2, units=("layer3.*",), kinds=("pf-avg", "pf-max"),
+                         damage=DamageOptions(steps=2, batch_size=32), train_images=64, eval_images=64,
+                         refit_images=64, latency_rounds=1, latency_block=3, latency_warmup=1, verify_rounds=1,
+                         local=LocalOptions(epochs=1, batch_size=32), global_epochs=1, batches_per_epoch=2,
+                         latency_tolerance=0.5)
+    started = time.perf_counter()
+    res = search(ckpt, "digits", out, max_drop=100.0, options=opts)
+    values = {"seconds": round(time.perf_counter() - started, 1), "choice": res.selection.choice,
+              "predicted_ratio": res.selection.predicted_ratio, "measured_ratio": res.latency_ratio,
+              "agreement": res.agreement, "table_s": res.seconds.get("table")}
+    loaded = repconv.load_checkpoint(res.checkpoint)  # on the CPU, whatever trained it
+    folded = repconv.fold(res.checkpoint, output=out / "folded.repconv.safetensors")
+    exported = repconv.export(res.checkpoint, out / "searched.onnx", exporter="legacy")
+    values |= {"fold_parity_max_rel": folded.parity.max_rel, "onnx_verified": bool(exported.verified),
+               "loaded_on": str(next(loaded.model.parameters()).device)}
+    ok = bool(res.selection.choice) and folded.parity.max_rel <= TOLERANCES["fold_parity_max_rel"] and \
+        exported.verified and values["loaded_on"] == "cpu"
+    return within(ok, values, "the searched checkpoint did not load, fold or export as any other")
+
+
+def part_search(args, deadline: Deadline) -> dict:
+    need = missing("scipy", "onnx", "onnxruntime", "safetensors", "torchvision")
+    config = {"model": "cifar_resnet20 (seed 0, untrained)", "data": "digits", "units": "layer3.*",
+              "device": args.device, "targets": list(SEARCH_TARGETS)}
+    if need:
+        reason = f"the search needs {', '.join(need)}, which this Python cannot import"
+        return {"config": config, "checks": {t: skipped(reason) for t in SEARCH_TARGETS}}
+    import onnxruntime
+
+    from repconv.checkpoint import CheckpointMeta, save
+    from repconv.models import resolve_arch
+
+    checks: dict = {}
+    with tempfile.TemporaryDirectory(prefix="gpu-check-search-") as tmp:
+        folder = Path(tmp)
+        torch.manual_seed(0)
+        ckpt = folder / "model.repconv.safetensors"
+        save(ckpt, build("cifar_resnet20").eval(), CheckpointMeta.for_arch(resolve_arch("cifar_resnet20")))
+        providers = onnxruntime.get_available_providers()
+        for target, provider in SEARCH_TARGETS.items():
+            key = f"search_{target}"
+            if provider is not None and args.device != "cuda":
+                checks[key] = skipped(CUDA_ONLY, cuda_only=True)
+            elif provider is not None and provider not in providers:
+                checks[key] = skipped(f"onnxruntime {onnxruntime.__version__} has no {provider}")
+            elif deadline.near(20):
+                checks[key] = skipped("the part's time cap was nearly spent")
+            else:
+                try:
+                    checks[key] = _search_once(ckpt, folder / target, args.device, target)
+                except Exception as exc:
+                    checks[key] = check("failed", f"{type(exc).__name__}: {exc}")
+    return {"config": config, "checks": checks}
+
+
 def run_part(name: str, args, cap: float) -> dict:
     started = time.perf_counter()
     info = {"torch": torch.__version__, "cuda_runtime": torch.version.cuda,
@@ -926,7 +998,7 @@ def run_part(name: str, args, cap: float) -> dict:
                     body = part_correctness(name.split("_", 1)[1], args, deadline)
         else:
             fn = {"cli": part_cli, "latency_parameter_free": part_latency, "training_cost": part_training,
-                  "ddp": part_ddp}[name]
+                  "ddp": part_ddp, "search": part_search}[name]
             with time_cap(cap + 5):
                 body = fn(args, deadline)
         status, reason = part_status(body["checks"])

@@ -15,7 +15,8 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-PARTS = {"correctness_digits", "correctness_resnet50", "cli", "latency_parameter_free", "training_cost", "ddp"}
+PARTS = {"correctness_digits", "correctness_resnet50", "cli", "latency_parameter_free", "training_cost", "ddp",
+         "search"}
 CUDA_ONLY = {  # part -> checks that need CUDA
     "correctness_digits": {"pipeline_cuda_bf16", "pipeline_cuda_fp32", "cuda_bf16_vs_cpu", "cuda_fp32_vs_cpu"},
     "correctness_resnet50": {"pipeline_cuda_bf16", "pipeline_cuda_fp32", "cuda_bf16_vs_cpu", "cuda_fp32_vs_cpu"},
@@ -23,6 +24,7 @@ CUDA_ONLY = {  # part -> checks that need CUDA
     "latency_parameter_free": {"fp16_bf16", "cudagraph"},
     "training_cost": {"peak_memory_cuda", "bf16_autocast"},
     "ddp": {"nccl_world1_vs_plain"},
+    "search": {"search_ort-cuda", "search_tensorrt"},
 }
 CPU_RUN = {  # part -> checks that must run (ok) on the CPU
     "correctness_digits": {"pipeline_cpu_fp32"},
@@ -32,6 +34,7 @@ CPU_RUN = {  # part -> checks that must run (ok) on the CPU
     "training_cost": {f"{m}/{arm}" for m in ("cifar_resnet56", "vit_b_16")
                       for arm in ("end-to-end", "replace-every-2", "replace-every-2 (autograd synthesis)")},
     "ddp": {"gloo_world1_vs_plain"},
+    "search": {"search_torch-nchw"},
 }
 
 
@@ -108,6 +111,9 @@ def test_cpu_parts_ran(dry_run):
         assert rl["vs_end_to_end"]["params_grads_optimizer_bytes_saved"] > 0
         # the synthesized weights the convs / linears save for backward (fp32: no autocast copy)
         assert rl["vs_end_to_end"]["saved_for_backward_extra_bytes"] > 0
+    searched = parts["search"]["checks"]["search_torch-nchw"]
+    assert searched["choice"] and searched["fold_parity_max_rel"] <= 1e-5 and searched["onnx_verified"]
+    assert searched["loaded_on"] == "cpu" and 0 <= searched["agreement"] <= 1
     ddp = parts["ddp"]["checks"]["gloo_world1_vs_plain"]
     assert ddp["ddp_wrapped"] and ddp["fit_ranks_in_sync"] and ddp["fit_params_max_abs_diff"] <= 1e-5
 
