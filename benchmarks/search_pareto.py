@@ -53,7 +53,7 @@ def main() -> None:
     ap.add_argument("--target", default="ort-cpu")
     ap.add_argument("--local-epochs", type=int, default=3)
     ap.add_argument("--global-epochs", type=int, default=7)
-    ap.add_argument("--global-lr", type=float, default=1e-3)
+    ap.add_argument("--global-lr", type=float, default=3e-3)
     ap.add_argument("--damage-steps", type=int, default=40)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--batches-per-epoch", type=int, default=None)

@@ -43,6 +43,7 @@ def search(model: ModelArg,
                                                      "epochs of the assembled model; 0 skips the stage")] = 3,
            global_epochs: Annotated[int, typer.Option("--global-epochs", help="distillation epochs of the "
                                                       "assembled model (logits); 0 skips the stage")] = 3,
+           global_lr: Annotated[float, typer.Option("--global-lr", help="learning rate of the global stage")] = 3e-3,
            batches_per_epoch: Annotated[int | None, typer.Option("--batches-per-epoch", help="cap (quick runs)")]
            = None,
            arch: ArchOpt = None, num_classes: NumClassesOpt = None, trust_pickle: TrustOpt = False,
