@@ -196,8 +196,8 @@ def test_search_pareto_quick(tmp_path):
         row = r["searched"][f"searched-{b}"]
         assert row["table_reused"] == (b != budgets[0])  # one candidate table, every later budget only a solve
         probes = row["latency_probes"]
-        assert probes and probes[0]["savings_scale"] == 1.0 and probes[-1]["choice"] == row["choice"]
-        assert row["savings_scale"] == probes[-1]["savings_scale"]
+        chosen = [p for p in probes if p["choice"] == row["choice"]]  # the plan kept was one of those timed
+        assert probes[0]["savings_scale"] == 1.0 and chosen and row["savings_scale"] == chosen[-1]["savings_scale"]
         assert row["choice"] and all(u.startswith("layer3.") for u in row["choice"])  # --quick: layer3's units
         assert 0 < row["predicted_ratio"] <= b + 1e-6  # the solve honours the budget
         assert 0.0 <= row["val_acc"] <= 1.0 and 0.0 <= row["agreement"] <= 1.0
