@@ -113,9 +113,9 @@ def main() -> None:
                 if res.checkpoint else teacher
             result["searched"][name] = {"budget": b, "choice": res.selection.choice,
                                         "predicted_latency_ms": res.predicted_latency_ms,
-                                        "predicted_ratio": res.selection.predicted_ratio,
+                                        "predicted_ratio": res.predicted_latency_ms / res.selection.base_latency_ms,
                                         "predicted_drop": res.predicted_drop, "val_acc": evaluate(student, val_set),
-                                        "savings_scale": res.selection.savings_scale,
+                                        "table_ratio": res.selection.predicted_ratio,
                                         "latency_probes": res.latency_probes,
                                         "agreement": res.agreement, "table_reused": res.table_reused,
                                         "seconds": res.seconds, "loadavg_1m": round(os.getloadavg()[0], 2)}

@@ -84,17 +84,18 @@ def searched(r) -> None:
         plan.add_row(unit, choice)
     out.print(plan)
     t = table("Predicted and measured", ["", "predicted", "measured"], right=("predicted", "measured"))
-    t.add_row("latency vs the original", f"{sel.predicted_ratio:.3f}", f"{r.latency_ratio:.3f}")
+    t.add_row("latency vs the original", f"{r.predicted_latency_ms / sel.base_latency_ms:.3f}",
+              f"{r.latency_ratio:.3f}")
     t.add_row("latency, ms", f"{r.predicted_latency_ms:.2f}", f"{r.measured_latency_ms:.2f}")
     t.add_row("drop, points of agreement", f"{r.predicted_drop:.1f}",
               "-" if r.agreement is None else f"{100 * (1 - r.agreement):.1f}")
     t.add_row("accuracy (original -> searched)", "", f"{pct(r.val_acc_original)} -> {pct(r.val_acc)}")
     out.print(t)
     if len(r.latency_probes) > 1:
-        probes = table("Latency budget checked on the assembled plans", ["plan", "units", "savings scale",
-                       "predicted", "measured"], right=("units", "savings scale", "predicted", "measured"))
+        probes = table("Latency budget checked on the assembled plans", ["plan", "units", "table", "predicted",
+                       "measured"], right=("units", "table", "predicted", "measured"))
         for i, p in enumerate(r.latency_probes, 1):
-            probes.add_row(str(i), str(len(p["choice"])), f"{p['savings_scale']:.2f}", f"{p['predicted_ratio']:.3f}",
+            probes.add_row(str(i), str(len(p["choice"])), f"{p['table_ratio']:.3f}", f"{p['predicted_ratio']:.3f}",
                            f"{p['measured_ratio']:.3f}")
         out.print(probes)
     if r.local_skipped:

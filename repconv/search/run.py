@@ -67,7 +67,7 @@ class SearchOptions:
     global_objective: Objective = "distill"  # labels needed for both / ce
     batches_per_epoch: int | None = None  # cap for the assembled model's local and global stages (quick runs)
     verify_rounds: int = 5
-    latency_checks: int = 3  # re-solves with the savings scale measured on assembled plans (0: trust the table)
+    latency_checks: int = 3  # plans timed after the first to meet a latency budget (0: trust the table)
     latency_tolerance: float = 0.03  # an assembled plan meets a latency budget within this fraction of it
     seed: int = 0
 
@@ -364,7 +364,7 @@ def search(model, data, output: str | os.PathLike, *, latency_budget: float | No
     selection = chosen.selection
     seconds["select"] = round(time.perf_counter() - t0, 3)
     plan = assemble_plan(table.units, selection.choice, arch=meta.arch, leaves=leaves)
-    say(f"selected {len(selection.choice)} of {len(table.units)} units: predicted {selection.predicted_ratio:.3f} of "
+    say(f"selected {len(selection.choice)} of {len(table.units)} units: predicted {chosen.predicted_ratio:.3f} of "
         f"the original's latency, drop {selection.predicted_drop:.1f} points")
     local_res: LocalResult | None = None
     history: list[dict] = []
@@ -441,7 +441,8 @@ def search(model, data, output: str | os.PathLike, *, latency_budget: float | No
                               warmup=options.latency_warmup)
     agree = agreement(student, teacher, eval_batches)
     result = SearchResult(selection, plan.to_dict(), out, ckpt if plan.steps else None, table_path, reused,
-                          measured["original"], measured["searched"], selection.predicted_latency_ms,
+                          measured["original"], measured["searched"],
+                          chosen.predicted_ratio * selection.base_latency_ms,
                           selection.predicted_drop, agree_local, agree, _labeled_accuracy(teacher, val_set),
                           _labeled_accuracy(student, val_set), local_res.to_dict() if local_res else None, history,
                           local_skipped=local_skipped, refit=refit_res,
@@ -506,16 +507,14 @@ def _local_stage(student: nn.Module, teacher: nn.Module, train_set, plan, option
                          progress=progress)
 
 
-def predicted_frontier(table: CandidateTable, budgets: Sequence[float] | None = None, *,
-                       savings_scale: float = 1.0) -> list[Selection]:
-    """Selections across latency budgets from the table alone (instant: only solves), its savings scaled by
-    ``savings_scale`` (the factor a search measured on assembled plans)."""
-    low = fastest(table, savings_scale=savings_scale).predicted_ratio
+def predicted_frontier(table: CandidateTable, budgets: Sequence[float] | None = None) -> list[Selection]:
+    """Selections across latency budgets from the table alone (instant: only solves)."""
+    low = fastest(table).predicted_ratio
     budgets = budgets or [low + (1 - low) * i / 10 for i in range(11)]
     out = []
     for b in budgets:
         try:
-            out.append(select(table, latency_budget=b, savings_scale=savings_scale))
+            out.append(select(table, latency_budget=b))
         except Exception:  # below the fastest plan
             continue
     return out
@@ -526,7 +525,7 @@ def frontier_points(table: CandidateTable, result: SearchResult) -> list[Point]:
     and the searched model (measured; agreement with the original as accuracy)."""
     # the drop adds per-unit damages, so it can pass 100 points on large plans: agreement stops at 0
     pts = [Point(f"{s.predicted_ratio:.2f}", "predicted", s.predicted_latency_ms, max(0.0, 1 - s.predicted_drop / 100))
-           for s in predicted_frontier(table, savings_scale=result.selection.savings_scale)]
+           for s in predicted_frontier(table)]
     pts.append(Point("original", "original", result.base_latency_ms, 1.0))
     if result.agreement is not None:
         pts.append(Point("searched", "searched", result.measured_latency_ms, result.agreement,

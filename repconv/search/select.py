@@ -1,9 +1,7 @@
 """Choose one candidate per unit under a budget, as an integer linear program (scipy.optimize.milp / HiGHS).
 
 Variables ``x[u, c]`` in {0, 1}, one per candidate (``keep`` included); each unit takes exactly one. Predicted
-latency is additive: ``base + s * sum(delta[u, c] * x[u, c])``, where the savings scale ``s`` is 1 for the table
-alone and is fitted on assembled models by :mod:`repconv.search.measured`; predicted accuracy drop is
-``sum(damage * x)``.
+latency is additive: ``base + sum(delta[u, c] * x[u, c])``; predicted accuracy drop is ``sum(damage * x)``.
 
 * ``latency_budget=F``: minimise the predicted drop subject to latency <= F * base;
 * ``max_drop=P``: minimise latency subject to drop <= P points.
@@ -35,7 +33,6 @@ class Selection:
     max_drop: float | None = None
     solve_s: float = 0.0
     excluded_slower: list[str] = field(default_factory=list)  # candidates never chosen: slower than keeping
-    savings_scale: float = 1.0  # the table's per-unit savings times this gave predicted_latency_ms
 
     @property
     def predicted_ratio(self) -> float:
@@ -79,24 +76,22 @@ def _solve(objective, constraints, upper):
     return res if res.status == 0 and res.x is not None else None
 
 
-def _selection(table, cols, delta, damage, x, savings_scale: float = 1.0, **kw) -> Selection:
+def _selection(table, cols, delta, damage, x, **kw) -> Selection:
     chosen = x > 0.5
     choice = {u.unit: c.name for (u, c), on in zip(cols, chosen, strict=True) if on and c.name != KEEP}
-    return Selection(choice, table.base_latency_ms,
-                     float(table.base_latency_ms + savings_scale * delta[chosen].sum()), float(damage[chosen].sum()),
-                     savings_scale=savings_scale, **kw)
+    return Selection(choice, table.base_latency_ms, float(table.base_latency_ms + delta[chosen].sum()),
+                     float(damage[chosen].sum()), **kw)
 
 
-def fastest(table: CandidateTable, *, savings_scale: float = 1.0) -> Selection:
-    """The fastest plan the table allows, whatever its drop (ties: the smaller drop); its predicted latency scales
-    the table's savings by ``savings_scale``."""
+def fastest(table: CandidateTable) -> Selection:
+    """The fastest plan the table allows, whatever its drop (ties: the smaller drop)."""
     cols, delta, damage = _index(table)
     upper = np.where(delta > 0, 0.0, 1.0)
     scale = max(float(np.abs(delta).sum()), 1e-9)
     res = _solve(delta / scale + 1e-6 * damage / max(damage.sum(), 1e-9), _constraints(table, cols), upper)
     if res is None:
         raise PlanError("the candidate table has no consistent plan", "rebuild the table")
-    return _selection(table, cols, delta, damage, res.x, savings_scale)
+    return _selection(table, cols, delta, damage, res.x)
 
 
 def check_budget(latency_budget: float | None, max_drop: float | None) -> None:
@@ -111,15 +106,10 @@ def check_budget(latency_budget: float | None, max_drop: float | None) -> None:
         raise OptionError("max_drop", max_drop, "is negative", "give the accuracy points you accept to lose, e.g. 1")
 
 
-def select(table: CandidateTable, *, latency_budget: float | None = None, max_drop: float | None = None,
-           savings_scale: float = 1.0) -> Selection:
+def select(table: CandidateTable, *, latency_budget: float | None = None, max_drop: float | None = None) -> Selection:
     """One candidate per unit under ``latency_budget`` (fraction of the original's latency) or ``max_drop``
-    (accuracy points); exactly one of them. Predicted latency scales the table's per-unit savings by
-    ``savings_scale`` (a positive factor fitted on measured plans; 1: the table as measured). Raises PlanError when
-    no plan meets the budget."""
+    (accuracy points); exactly one of them. Raises PlanError when no plan meets the budget."""
     check_budget(latency_budget, max_drop)
-    if not savings_scale > 0:
-        raise OptionError("savings_scale", savings_scale, "is not positive", "give a factor such as 1.0")
     started = time.perf_counter()
     cols, delta, damage = _index(table)
     upper = np.where(delta > 0, 0.0, 1.0)
@@ -130,8 +120,7 @@ def select(table: CandidateTable, *, latency_budget: float | None = None, max_dr
     from scipy.optimize import LinearConstraint
 
     if latency_budget is not None:
-        constraints.append(LinearConstraint(savings_scale * delta[None, :], -np.inf,
-                                            (latency_budget - 1) * table.base_latency_ms))
+        constraints.append(LinearConstraint(delta[None, :], -np.inf, (latency_budget - 1) * table.base_latency_ms))
         # ties: prefer the faster plan, then keeping (a unit converted for nothing costs accuracy we did not see)
         objective = damage / dmg_scale + 1e-6 * delta / lat_scale + 1e-9 * np.array([c.name != KEEP for _, c in cols])
     else:
@@ -139,14 +128,12 @@ def select(table: CandidateTable, *, latency_budget: float | None = None, max_dr
         objective = delta / lat_scale + 1e-6 * damage / dmg_scale + 1e-9 * np.array([c.name != KEEP for _, c in cols])
     res = _solve(objective, constraints, upper)
     if res is None:
-        best = fastest(table, savings_scale=savings_scale)
-        scaled = "" if savings_scale == 1 else f" (the table's savings times {savings_scale:.2f}, as measured)"
+        best = fastest(table)
         raise PlanError(f"no plan meets {{option}} {latency_budget}: the fastest plan the candidate table "
-                        f"allows{scaled} is predicted at {best.predicted_ratio:.3f} of the original's latency "
+                        f"allows is predicted at {best.predicted_ratio:.3f} of the original's latency "
                         f"({best.predicted_latency_ms:.2f} of {best.base_latency_ms:.2f} ms) with a predicted drop "
                         f"of {best.predicted_drop:.1f} points ({len(best.choice)} units converted)",
                         f"give {{option}} {best.predicted_ratio:.3f} or more, or a maximum drop instead",
                         option="latency_budget")
-    return _selection(table, cols, delta, damage, res.x, savings_scale, latency_budget=latency_budget,
-                      max_drop=max_drop,
+    return _selection(table, cols, delta, damage, res.x, latency_budget=latency_budget, max_drop=max_drop,
                       solve_s=round(time.perf_counter() - started, 4), excluded_slower=slower)

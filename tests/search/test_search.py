@@ -126,7 +126,7 @@ def test_latency_budget_is_checked_on_the_assembled_model_and_resume_keeps_what_
                  cache=out / "candidates.json", progress=said.append)
     assert res.table_reused and len(res.latency_probes) == 1
     probe = res.latency_probes[0]
-    assert probe["choice"] == res.selection.choice and probe["savings_scale"] == 1.0
+    assert probe["choice"] == res.selection.choice and probe["predicted_ratio"] == probe["table_ratio"]
     assert probe["predicted_ratio"] == pytest.approx(res.selection.predicted_ratio)
     assert probe["measured_ratio"] <= budget * 1.9 and any("assembled plan" in m for m in said)
     assert json.loads((tmp_path / "o" / "search.json").read_text())["latency_probes"] == res.latency_probes

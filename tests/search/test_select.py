@@ -78,14 +78,3 @@ def test_replaced_unit_keeps_its_neighbours():
     assert sel.choice == {"b1": "replace"}
     plan = assemble_plan(table.units, sel.choice)
     assert [s.kind for s in plan.steps] == ["replace"]
-
-
-@pytest.mark.parametrize("scale", [0.5, 0.8])
-def test_savings_scale_matches_brute_force_on_scaled_savings(scale):
-    sel = select(make_table(), latency_budget=0.8, savings_scale=scale)
-    best = brute_force(SPEC, lambda d, _: BASE + scale * d <= 0.8 * BASE + 1e-9, lambda d, g: g)
-    assert sel.predicted_drop == pytest.approx(best[2])
-    assert sel.predicted_latency_ms == pytest.approx(BASE + scale * sum(
-        SPEC[u][c][0] for u, c in sel.choice.items()))
-    with pytest.raises(PlanError, match=r"times 0\.50"):
-        select(make_table(), latency_budget=0.6, savings_scale=0.5)
