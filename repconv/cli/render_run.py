@@ -79,7 +79,7 @@ def bench(report) -> None:
 
 def searched(r) -> None:
     sel = r.selection
-    plan = table(f"Plan: {len(sel.choice)} units converted -> {r.checkpoint or r.output}", ["unit", "candidate"])
+    plan = table(f"Plan: {len(sel.choice)} units converted", ["unit", "candidate"])
     for unit, choice in sel.choice.items():
         plan.add_row(unit, choice)
     out.print(plan)
@@ -100,6 +100,7 @@ def searched(r) -> None:
         out.print(probes)
     if r.local_skipped:
         note("local (block-wise) distillation skipped: 0 local epochs")
+    note(f"checkpoint: {r.checkpoint or '- (nothing converted)'}")
     note(f"candidate table: {r.table_path} ({'reused' if r.table_reused else 'built'}); plot: {r.plot}")
 
 

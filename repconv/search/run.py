@@ -418,7 +418,7 @@ def search(model, data, output: str | os.PathLike, *, latency_budget: float | No
             t0 = time.perf_counter()
             cfg = TrainConfig(epochs=options.global_epochs, lr=options.global_lr, objective=options.global_objective,
                               trainable="all", batch_size=options.local.batch_size, seed=options.seed,
-                              batches_per_epoch=options.batches_per_epoch)
+                              batches_per_epoch=options.batches_per_epoch, keep="best")  # never worse than its input
 
             def save_model(m: nn.Module, metrics: dict) -> None:
                 meta.extra["search"] = meta.extra.get("search", {}) | {"phase": "global",
