@@ -21,7 +21,7 @@ predicted drop among those that met the budget.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from repconv.errors import OptionError, PlanError
 from repconv.search.select import Selection, fastest, select
@@ -133,4 +133,4 @@ def select_measured(table: CandidateTable, latency_budget: float, measure: Calla
                         f"give {{option}} {min(p.measured_ratio for p in probes):.2f} or more, or a maximum drop "
                         "instead", option="latency_budget")
     sel, _ = min(met, key=lambda m: m[0].predicted_drop)
-    return MeasuredSelection(sel, probes)
+    return MeasuredSelection(replace(sel, latency_budget=latency_budget), probes)  # the user's, not the bracket's

@@ -44,6 +44,7 @@ def test_savings_that_shrink_in_the_whole_model_are_bracketed_and_the_budget_met
         assert abs(probe.predicted_ratio / probe.measured_ratio - 1) <= 0.10
     # the least predicted drop among the plans that met the budget, not the fastest plan
     assert got.selection.predicted_drop < fastest(make_table()).predicted_drop and len(calls) == len(got.probes) <= 4
+    assert got.selection.latency_budget == 0.8  # the budget asked for, not the bracket's (resume compares it)
 
 
 def test_a_plan_far_under_the_budget_is_relaxed_towards_the_original():
