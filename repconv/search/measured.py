@@ -61,13 +61,12 @@ class MeasuredSelection:
         return self.probe.measured_ratio if self.probe else 1.0
 
 
-def interpolate(lo: Probe, hi: Probe, at: float, *, key: str = "measured_ratio", by: str = "table_budget") -> float:
-    """Linear interpolation of ``key`` between two probes along ``by`` (clamped to the segment)."""
-    x0, x1, y0, y1 = getattr(lo, by), getattr(hi, by), getattr(lo, key), getattr(hi, key)
-    if x1 == x0:
-        return y0
-    w = min(max((at - x0) / (x1 - x0), 0.0), 1.0)
-    return y0 + w * (y1 - y0)
+def interpolate(lo: Probe, hi: Probe, table_budget: float) -> float:
+    """The measured ratio linearly interpolated between two timed plans at ``table_budget`` (clamped to them)."""
+    if hi.table_budget == lo.table_budget:
+        return lo.measured_ratio
+    w = min(max((table_budget - lo.table_budget) / (hi.table_budget - lo.table_budget), 0.0), 1.0)
+    return lo.measured_ratio + w * (hi.measured_ratio - lo.measured_ratio)
 
 
 def select_measured(table: CandidateTable, latency_budget: float, measure: Callable[[dict[str, str]], float], *,
