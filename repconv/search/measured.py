@@ -116,6 +116,7 @@ def select_measured(table: CandidateTable, latency_budget: float, measure: Calla
         # the table budget whose plan should run at the budget, kept off the bracket's ends
         w = (latency_budget - lo.measured_ratio) / (hi.measured_ratio - lo.measured_ratio)
         t = lo.table_budget + min(max(w, 0.1), 0.9) * (hi.table_budget - lo.table_budget)
+        t = max(t, 1e-6)  # the table can put its fastest plan below 0 (noisy deltas of a tiny model add up past it)
         try:
             sel = select(table, latency_budget=t)
         except PlanError:

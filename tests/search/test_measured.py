@@ -66,6 +66,14 @@ def test_a_budget_no_plan_meets_when_measured_names_the_fastest():
     assert len(calls) == 2
 
 
+def test_a_table_that_puts_its_fastest_plan_below_zero():
+    table = make_table({"u0": {"pf-max": (-15.0, 1.0)}, "u1": {"pf-max": (-10.0, 2.0)}})  # fastest: -0.25
+    ratios = {("u0",): 0.95, ("u0", "u1"): 0.60, ("u1",): 0.90}
+    got = select_measured(table, 0.62, lambda choice: ratios[tuple(sorted(choice))])
+    assert fastest(table).predicted_ratio < 0 and got.selection.choice == {"u0": "pf-max", "u1": "pf-max"}
+    assert got.measured_ratio == 0.60  # the bracket's next table budget would have been -0.16: solved at 1e-6
+
+
 def test_no_checks_trusts_the_table_and_no_change_is_not_timed():
     measure, calls = whole_model(0.5)
     got = select_measured(make_table(), 0.8, measure, checks=0)
