@@ -113,7 +113,7 @@ def main() -> None:
                 if res.checkpoint else teacher
             result["searched"][name] = {"budget": b, "choice": res.selection.choice,
                                         "predicted_latency_ms": res.predicted_latency_ms,
-                                        "predicted_ratio": res.predicted_latency_ms / res.selection.base_latency_ms,
+                                        "predicted_ratio": res.predicted_ratio,
                                         "predicted_drop": res.predicted_drop, "val_acc": evaluate(student, val_set),
                                         "table_ratio": res.selection.predicted_ratio,
                                         "latency_probes": res.latency_probes,

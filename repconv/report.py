@@ -437,7 +437,8 @@ def _search_section(search: SearchRecord) -> str:
     choice = selection.get("choice") or {}
     accuracy = f"{pct(_number(r.get('val_acc_original')))} -> {pct(_number(r.get('val_acc')))}"
     headline = _table(["", "predicted", "measured"], [
-        ["latency vs the original", _num(selection.get("predicted_ratio"), ".3f"), _num(r.get("latency_ratio"), ".3f")],
+        ["latency vs the original", _num(r.get("predicted_ratio", selection.get("predicted_ratio")), ".3f"),
+         _num(r.get("latency_ratio"), ".3f")],
         ["latency, ms", _num(r.get("predicted_latency_ms"), ".2f"), _num(r.get("measured_latency_ms"), ".2f")],
         ["drop, points of agreement", _num(r.get("predicted_drop"), ".1f"), _num(r.get("measured_drop"), ".1f")],
         ["accuracy (original -> searched)", "-", accuracy],

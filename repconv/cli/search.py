@@ -34,9 +34,9 @@ def search(model: ModelArg,
            threads: Annotated[int, typer.Option("--threads", help="CPU threads for latency")] = 2,
            device: Annotated[Device, typer.Option("--device", help="cpu | cuda: where the candidates, the refit and "
                                                   "the local stage train and torch targets run")] = "cpu",
-           latency_checks: Annotated[int, typer.Option("--latency-checks", help="with --latency-budget: time the "
-                                                       "assembled plan and re-solve with the savings it shows, at "
-                                                       "most this many times (0: trust the table)")] = 3,
+           latency_checks: Annotated[int, typer.Option("--latency-checks", help="with --latency-budget: assembled "
+                                                       "plans timed after the first to meet the budget (0: keep the "
+                                                       "table's plan)")] = 3,
            refit: Annotated[bool, typer.Option("--refit/--no-refit", help="least-squares refit of the layer after "
                                                "each new pool before the local stage (as calibrate does)")] = True,
            local_epochs: Annotated[int, typer.Option("--local-epochs", help="block-wise (local) distillation "

@@ -69,6 +69,16 @@ def interpolate(lo: Probe, hi: Probe, table_budget: float) -> float:
     return lo.measured_ratio + w * (hi.measured_ratio - lo.measured_ratio)
 
 
+def check_latency_options(checks: int, tolerance: float) -> None:
+    """Raise OptionError unless ``checks`` (plans timed after the first) and ``tolerance`` (a fraction) make sense."""
+    if checks < 0:
+        raise OptionError("latency_checks", checks, "is negative",
+                          "give 0 (keep the candidate table's plan) or the number of plans to time, e.g. 3")
+    if not 0 <= tolerance < 1:
+        raise OptionError("latency_tolerance", tolerance, "is not a fraction in [0, 1)",
+                          "give e.g. 0.03 (3% over the budget still meets it)")
+
+
 def select_measured(table: CandidateTable, latency_budget: float, measure: Callable[[dict[str, str]], float], *,
                     checks: int = 3, tolerance: float = 0.03,
                     progress: Callable[[str], None] | None = None) -> MeasuredSelection:
@@ -76,10 +86,7 @@ def select_measured(table: CandidateTable, latency_budget: float, measure: Calla
     original's latency``, met ``latency_budget`` within ``tolerance`` (a fraction of it); at most ``checks`` plans
     are timed after the first (``checks=0``: the table's plan, timed once and kept whatever it measured). Raises
     PlanError when the table cannot meet the budget, or when its fastest plan, timed, misses it."""
-    if checks < 0:
-        raise OptionError("latency_checks", checks, "is negative", "give 0 (trust the table) or more re-solves")
-    if not 0 <= tolerance < 1:
-        raise OptionError("latency_tolerance", tolerance, "is not a fraction in [0, 1)", "give e.g. 0.03")
+    check_latency_options(checks, tolerance)
     say = progress or (lambda _m: None)
     limit, close = latency_budget * (1 + tolerance), latency_budget * (1 - tolerance)
     probes: list[Probe] = []

@@ -31,7 +31,7 @@ from repconv.options import Device, Objective, check_choices
 from repconv.search.candidates import KINDS, assemble_plan, enumerate_candidates
 from repconv.search.damage import DamageOptions, build_views, measure_damage
 from repconv.search.latency import check_target, measure_models, measure_unit_deltas
-from repconv.search.measured import MeasuredSelection, select_measured
+from repconv.search.measured import MeasuredSelection, Probe, check_latency_options, select_measured
 from repconv.search.pareto import Point, pareto_table, plot
 from repconv.search.select import Selection, check_budget, fastest, select
 from repconv.search.table import CandidateTable, Figures, data_digest, load_table, model_digest, now_utc, table_key
@@ -78,12 +78,7 @@ class SearchOptions:
                 raise OptionError(name, value, "must not be negative", "give 0 to skip the stage, or more epochs")
         if not self.global_lr > 0:
             raise OptionError("global_lr", self.global_lr, "is not positive", "give a learning rate such as 1e-3")
-        if self.latency_checks < 0:
-            raise OptionError("latency_checks", self.latency_checks, "is negative",
-                              "give 0 (trust the candidate table) or the number of re-solves, e.g. 3")
-        if not 0 <= self.latency_tolerance < 1:
-            raise OptionError("latency_tolerance", self.latency_tolerance, "is not a fraction in [0, 1)",
-                              "give e.g. 0.03 (3% over the budget still meets it)")
+        check_latency_options(self.latency_checks, self.latency_tolerance)
         if self.refit_images < 4:
             raise OptionError("refit_images", self.refit_images, "is too few for the refit (every 4th is held out)",
                               "give 4 or more, or turn the refit off")
@@ -134,15 +129,21 @@ class SearchResult:
         return self.measured_latency_ms / self.base_latency_ms
 
     @property
+    def predicted_ratio(self) -> float:
+        """The predicted latency as a fraction of the original's (interpolated between timed plans for a latency
+        budget; the table's for a maximum drop)."""
+        return self.predicted_latency_ms / self.selection.base_latency_ms
+
+    @property
     def latency_error(self) -> float:
         """Predicted over measured ratio, minus 1 (both relative to the original measured beside them)."""
-        return (self.predicted_latency_ms / self.selection.base_latency_ms) / self.latency_ratio - 1
+        return self.predicted_ratio / self.latency_ratio - 1
 
     def to_dict(self) -> dict:
         d = {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "selection"}
         d = {k: str(v) if isinstance(v, Path) else v for k, v in d.items()}
         return d | {"selection": self.selection.to_dict(), "latency_ratio": self.latency_ratio,
-                    "latency_error": self.latency_error,
+                    "predicted_ratio": self.predicted_ratio, "latency_error": self.latency_error,
                     "measured_drop_after_local": None if self.agreement_after_local is None
                     else 100 * (1 - self.agreement_after_local),
                     "measured_drop": None if self.agreement is None else 100 * (1 - self.agreement)}
@@ -358,7 +359,9 @@ def search(model, data, output: str | os.PathLike, *, latency_budget: float | No
     leaves = meta.plan.leaves if meta.plan else ()
     ckpt = out / CHECKPOINT_FILE
     t0 = time.perf_counter()
-    chosen = _resumed_selection(ckpt, table, latency_budget, max_drop) if resume else None
+    prior = load_checkpoint(ckpt) if resume and ckpt.exists() else None  # an interrupted search's checkpoint
+    info = prior.meta.extra.get("search", {}) if prior is not None else {}
+    chosen = _resumed_selection(info, table, latency_budget, max_drop) if prior is not None else None
     if chosen is None:
         chosen = _select(table, teacher, example, latency_budget, max_drop, options, leaves, say)
     selection = chosen.selection
@@ -377,18 +380,16 @@ def search(model, data, output: str | os.PathLike, *, latency_budget: float | No
         from repconv.conversion import convert
 
         work = on_device(teacher, options.device)  # the teacher where the refit and the local stage run
-        done_local = False
-        if resume and ckpt.exists():
-            prior = load_checkpoint(ckpt)
-            info = prior.meta.extra.get("search", {})
-            if info.get("plan_digest") == plan.digest() and info.get("phase") in ("local", "global"):
-                student, done_local = prior.model, True
-                local_skipped = bool(info.get("local_skipped", False))
-                agree_local = info.get("agreement_after_local")  # measured when the local stage ended
-                say("resuming after the local stage")
+        done_local = prior is not None and info.get("plan_digest") == plan.digest() and info.get("phase") in (
+            "local", "global")
+        if done_local:
+            student = prior.model
+            local_skipped = bool(info.get("local_skipped", False))
+            agree_local = info.get("agreement_after_local")  # measured when the local stage ended
+            say("resuming after the local stage")
         if not done_local:
             conv = convert(loaded, plan=plan)
-            student = conv.model
+            student = conv.model.to(device_of(work))
             meta = copy.deepcopy(conv.meta)
             local_skipped = options.skip_local
             meta.extra["search"] = {"phase": "converted", "plan_digest": plan.digest(),
@@ -396,7 +397,6 @@ def search(model, data, output: str | os.PathLike, *, latency_budget: float | No
                                     "probes": [p.to_dict() for p in chosen.probes], "local_skipped": local_skipped}
             if options.refit and has_pools(plan):
                 say("refitting the layers after the new pools (least squares)")
-                student.to(device_of(work))
                 cal = refit_layers(student, work, _to(_images(train_set, options.refit_images, 64), work))
                 refit_res = cal.refit | {"kept_input": cal.kept_input, "kl_before": cal.kl_before,
                                          "kl_after": cal.kl_after}
@@ -405,7 +405,6 @@ def search(model, data, output: str | os.PathLike, *, latency_budget: float | No
                 say("local distillation skipped (0 local epochs)")
             else:
                 t0 = time.perf_counter()
-                student.to(device_of(work))
                 local_res = _local_stage(student, work, train_set, plan, options, _to(eval_batches, work),
                                          progress is not None)
                 seconds["local"] = round(time.perf_counter() - t0, 1)
@@ -479,16 +478,11 @@ def _select(table: CandidateTable, teacher: nn.Module, example: torch.Tensor, la
                            tolerance=options.latency_tolerance, progress=say)
 
 
-def _resumed_selection(ckpt: Path, table: CandidateTable, latency_budget: float | None,
+def _resumed_selection(info: dict, table: CandidateTable, latency_budget: float | None,
                        max_drop: float | None) -> MeasuredSelection | None:
-    """The selection an interrupted search on the same table and budget already made (its latency checks are not
-    timed again: new timings could pick another plan and discard the finished stages)."""
-    from repconv.checkpoint import load_checkpoint
-    from repconv.search.measured import Probe
-
-    if not ckpt.exists():
-        return None
-    info = load_checkpoint(ckpt).meta.extra.get("search", {})
+    """The selection an interrupted search on the same table and budget already made (``info``: its checkpoint's
+    ``meta.extra["search"]``); its latency checks are not timed again: new timings could pick another plan and
+    discard the finished stages."""
     saved = dict(info.get("selection") or {})
     if info.get("table_key") != table.key or (saved.get("latency_budget"), saved.get("max_drop")) != (
             latency_budget, max_drop):

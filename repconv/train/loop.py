@@ -175,11 +175,22 @@ def classifier_params(model: nn.Module) -> list[str]:
     return [f"{last}.{n}" for n, _ in model.get_submodule(last).named_parameters()]
 
 
+def resolve_trainable(mode: str, model: nn.Module) -> str:
+    """``auto``: every parameter where a parameter-free step of the model's plan (``model.meta["repconv_plan"]``,
+    which every conversion carries) left no scalar to train for what it removed (docs/results.md 2.7a), else the
+    replaced units' scalars, else every parameter. Other modes pass through."""
+    if mode != "auto":
+        return mode
+    plan = getattr(model, "meta", {}).get("repconv_plan")
+    if plan is not None and plan.parameter_free_steps:
+        return "all"
+    return "scalars" if replaced_units(model) else "all"
+
+
 def set_trainable(model: nn.Module, mode: str) -> list[str]:
-    """Freeze everything outside ``mode``'s set; return the names of the trainable parameters. ``auto``: the
-    replaced units' scalars, or every parameter when the model has none (``finetune`` decides by the plan)."""
-    if mode == "auto":
-        mode = "scalars" if replaced_units(model) else "all"
+    """Freeze everything outside ``mode``'s set (``auto``: :func:`resolve_trainable`); return the names of the
+    trainable parameters."""
+    mode = resolve_trainable(mode, model)
     if mode == "all":
         names = {n for n, _ in model.named_parameters()}
     else:

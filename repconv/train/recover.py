@@ -29,7 +29,15 @@ from repconv.models import resolve_arch
 from repconv.options import BnStats, CalibrateSelect, check_choices, with_overrides
 from repconv.train.calibrate import Calibration, calibrate_units, refit_layers
 from repconv.train.data import check_classes, data_spec, datasets, num_outputs
-from repconv.train.loop import TrainConfig, dist_env, evaluate, fit, metrics_path_for, state_path_for
+from repconv.train.loop import (
+    TrainConfig,
+    dist_env,
+    evaluate,
+    fit,
+    metrics_path_for,
+    resolve_trainable,
+    state_path_for,
+)
 from repconv.train.refit import has_pools
 
 __all__ = [
@@ -313,15 +321,6 @@ def _fit(model: nn.Module, meta: CheckpointMeta, cfg: TrainConfig, *, train_set,
                resume=resume, progress=progress)
 
 
-def _resolve_trainable(cfg: TrainConfig, meta: CheckpointMeta) -> TrainConfig:
-    """``auto``: the replaced units' scalars, or every weight where a parameter-free step left no scalar to train
-    for what it removed (the layers after each pool must learn again; docs/results.md 2.7a)."""
-    if cfg.trainable != "auto":
-        return cfg
-    parameter_free = meta.plan is not None and bool(meta.plan.parameter_free_steps)
-    return dataclasses.replace(cfg, trainable="all" if parameter_free else "scalars")
-
-
 def _resolve_bn_stats(cfg: TrainConfig, meta: CheckpointMeta) -> TrainConfig:
     """``auto``: keep the pretrained statistics (freeze), except where a parameter-free step changed what the
     norms after it see (pools in place of convs): those statistics must be learned again (update). Measured:
@@ -347,7 +346,8 @@ def finetune(model: ModelLike, *, data: str | os.PathLike, output: str | os.Path
     """
     cfg = _config(FINETUNE_DEFAULTS, config, overrides)
     loaded = load_checkpoint(model, trust_pickle=trust_pickle)
-    cfg = _resolve_trainable(_resolve_bn_stats(cfg, loaded.meta), loaded.meta)
+    cfg = dataclasses.replace(_resolve_bn_stats(cfg, loaded.meta),
+                              trainable=resolve_trainable(cfg.trainable, loaded.model))  # reported as resolved
     t = _load_teacher(teacher, f"the {cfg.objective} objective", trust_pickle, teacher_arch,
                       loaded.meta) if cfg.objective != "ce" else None
     spec = data_spec(loaded.meta, input_size, mean, std)

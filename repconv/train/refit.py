@@ -197,7 +197,8 @@ def _current(site: FitSite, layer: nn.Module, groups: int) -> torch.Tensor:
     w = layer.weight.detach().double()
     cout = w.shape[0]
     w = w.reshape(groups, cout // groups, -1).transpose(1, 2)
-    b = layer.bias.detach().double() if layer.bias is not None else torch.zeros(cout, dtype=torch.double)
+    b = layer.bias.detach().double() if layer.bias is not None else torch.zeros(cout, dtype=torch.double,
+                                                                                 device=w.device)
     return torch.cat([w, b.reshape(groups, 1, cout // groups)], 1)
 
 
@@ -295,7 +296,7 @@ def _refit_site(site: FitSite, student: nn.Module, teacher: nn.Module, xs: list[
     for x in xs:
         p = _captured(student, layer, "input", x)
         t = _captured(teacher, teacher.get_submodule(site.module), site.target, x)
-        held = torch.arange(len(x)) % HOLDOUT_EVERY == HOLDOUT_EVERY - 1
+        held = torch.arange(len(x), device=p.device) % HOLDOUT_EVERY == HOLDOUT_EVERY - 1
         for normal, rows in ((fit, ~held), (check, held)):
             if rows.any():
                 feats, groups = _features(site, layer, p[rows])
@@ -309,7 +310,7 @@ def _refit_site(site: FitSite, student: nn.Module, teacher: nn.Module, xs: list[
         raise DataError(f"least-squares refit needs at least {HOLDOUT_EVERY} images (every {HOLDOUT_EVERY}th is held "
                         "out)", "give more images")
     with_constant = site.kind == "norm_affine" or layer.bias is not None or site.bias_into is not None
-    current = _current(site, layer, fit.xtx.shape[0])
+    current = _current(site, layer, fit.xtx.shape[0]).to(fit.xtx.device)
     fit_before, held_before = fit.error(current), check.error(current)
     best = min(((check.error(w), r, w) for r in ridges for w in [fit.solve(r, with_constant)]),
                key=lambda item: item[0])
