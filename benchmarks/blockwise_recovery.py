@@ -12,7 +12,8 @@ backward), so it counts as one epoch of the budget. Arms per converted form:
 * ``local+both``: the same, the global stage on labels + logits (``objective both``, alpha 0.5);
 * ``refit+kd``: the least-squares refit (``repconv.train.refit``, ``--refit-batches`` batches, counted as one epoch
   of the budget), then the rest of the budget as ``kd``; ``refit+ce`` and ``refit+both``: the same on labels, or
-  labels + logits (for a teacher much weaker than its fine-tuned control).
+  labels + logits (for a teacher much weaker than its fine-tuned control);
+* ``refit+local+kd``: the search's recovery: the refit, local distillation, then ``kd`` for the rest.
 
 An arm may carry its own global learning rate, ``ARM@LR`` (``kd@3e-3``); the control is fine-tuned once per
 ``--control-lrs`` value (default: ``--lr``), and every drop is against the best of those controls.
@@ -44,7 +45,7 @@ from repconv.train.local import LocalOptions, local_distill
 from repconv.train.loop import TrainConfig, evaluate, fit
 from repconv.train.refit import least_squares_refit
 
-ARMS = ("ce", "kd", "local+kd", "local+both", "refit+ce", "refit+kd", "refit+both")
+ARMS = ("ce", "kd", "local+kd", "local+both", "refit+ce", "refit+kd", "refit+both", "refit+local+kd")
 DEFAULT_FORMS = {"resnet50": ["hybrid", "all"], "mobilenet_v2": ["hybrid"]}
 
 
@@ -78,7 +79,7 @@ def run_arm(spec: str, student, teacher, train_set, val_set, args) -> dict:
                                    "after": round(x.error_after, 4)} for x in res.sites]}
         row["val_acc_after_refit"] = evaluate(student, val_set)
         global_epochs -= 1
-    if arm.startswith("local"):
+    if "local" in arm:
         opts = LocalOptions(epochs=args.local_epochs, batch_size=args.batch_size, lr=args.local_lr,
                             steps_per_epoch=args.batches_per_epoch, pf_train=args.pf_train, bn_stats=args.bn_stats)
         res = local_distill(student, teacher, train_set, options=opts, eval_data=val_set)
@@ -89,7 +90,7 @@ def run_arm(spec: str, student, teacher, train_set, val_set, args) -> dict:
         row["val_acc_after_local"] = evaluate(student, val_set)
         global_epochs -= args.local_epochs
     objective = {"ce": "ce", "kd": "distill", "local+kd": "distill", "local+both": "both", "refit+ce": "ce",
-                 "refit+kd": "distill", "refit+both": "both"}[arm]
+                 "refit+kd": "distill", "refit+both": "both", "refit+local+kd": "distill"}[arm]
     if global_epochs > 0:
         res = fit(student, train_set, _cfg(args, global_epochs, objective, lr), val_set=val_set,
                   teacher=teacher if objective != "ce" else None)

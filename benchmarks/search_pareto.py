@@ -3,7 +3,8 @@
 A model trained on digits (``--arch``, 10 epochs as in docs/results.md 2.3c, or ``--checkpoint``) gets one
 candidate table on ``--target`` (cached: every budget after the first is only a solve), then for each budget a
 searched plan (converted, locally distilled, globally distilled); the uniform policies ``pf all``, ``pf hybrid`` and
-replacement ``every 2`` get the same recovery (local + global epochs). All forms are then timed together
+replacement ``every 2`` get the same recovery (``repconv.search.recover``: the refit raced against none, local and
+global epochs). All forms are then timed together
 (interleaved, one measure_models call) and scored on the held-out split. Checks written to the JSON:
 searched >= every uniform policy whose measured latency is equal or higher; no searched model slower than the
 original; predicted latency within 10% of measured. A budget that no plan meets once measured on the assembled
@@ -30,10 +31,10 @@ from repconv.errors import PlanError
 from repconv.search.damage import DamageOptions
 from repconv.search.latency import measure_models
 from repconv.search.pareto import Point, pareto_table, plot
+from repconv.search.recover import recover
 from repconv.search.run import SearchOptions, agreement, latency_model, search
-from repconv.train.calibrate import refit_layers
-from repconv.train.local import LocalOptions, blockwise_recovery
-from repconv.train.loop import TrainConfig, evaluate
+from repconv.train.local import LocalOptions
+from repconv.train.loop import evaluate
 
 UNIFORM = {"pf-all": {"method": "parameter-free", "pf_policy": "all"},
            "pf-hybrid": {"method": "parameter-free", "pf_policy": "hybrid"},
@@ -51,8 +52,9 @@ def main() -> None:
     ap.add_argument("--pretrain-epochs", type=int, default=10)
     ap.add_argument("--budgets", type=float, nargs="+", default=[0.9, 0.75, 0.6])
     ap.add_argument("--target", default="ort-cpu")
-    ap.add_argument("--local-epochs", type=int, default=3)
-    ap.add_argument("--global-epochs", type=int, default=7)
+    ap.add_argument("--local-epochs", type=int, default=0)
+    ap.add_argument("--global-epochs", type=int, default=10)
+    ap.add_argument("--refit", default="auto", choices=["auto", "on", "off"])
     ap.add_argument("--global-lr", type=float, default=3e-3)
     ap.add_argument("--damage-steps", type=int, default=40)
     ap.add_argument("--batch-size", type=int, default=64)
@@ -65,7 +67,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("search_pareto.json"))
     args = ap.parse_args()
     if args.quick:
-        args.arch, args.pretrain_epochs, args.local_epochs, args.global_epochs = "cifar_resnet20", 1, 1, 1
+        args.arch, args.pretrain_epochs, args.local_epochs, args.global_epochs = "cifar_resnet20", 1, 0, 2
         args.damage_steps, args.batches_per_epoch, args.batch_size, args.budgets = 2, 2, 32, [0.97, 0.9]
     if args.threads is None:
         args.threads = 1 if args.quick else 2
@@ -92,7 +94,7 @@ def main() -> None:
         opts = SearchOptions(target=args.target, threads=args.threads,
                              damage=DamageOptions(steps=args.damage_steps, batch_size=args.batch_size),
                              local=LocalOptions(epochs=args.local_epochs, batch_size=args.batch_size),
-                             global_epochs=args.global_epochs, global_lr=args.global_lr,
+                             global_epochs=args.global_epochs, global_lr=args.global_lr, refit=args.refit,
                              batches_per_epoch=args.batches_per_epoch,
                              **search_quick)
         cache = tmp / "candidates.json"
@@ -118,26 +120,19 @@ def main() -> None:
                                         "table_ratio": res.selection.predicted_ratio,
                                         "latency_probes": res.latency_probes,
                                         "agreement": res.agreement, "table_reused": res.table_reused,
+                                        "start": res.start,
                                         "seconds": res.seconds, "loadavg_1m": round(os.getloadavg()[0], 2)}
             save_partial(result, args.out)
         for name, kw in UNIFORM.items():
             err.print(f"uniform {name}")
             conv = repconv.convert(ckpt, **kw)
-            student = conv.model
-            if opts.refit and conv.plan.parameter_free_steps:  # the search's recovery: refit, local, global
-                refit_layers(student, teacher, list(train_set.tensors[0][:opts.refit_images].split(64)))
-            local = LocalOptions(epochs=args.local_epochs, batch_size=args.batch_size,
-                                 steps_per_epoch=args.batches_per_epoch)
-            gcfg = TrainConfig(epochs=args.global_epochs, objective="distill", trainable="all", lr=args.global_lr,
-                               keep="best",  # as the search's global stage
-                               batch_size=args.batch_size, batches_per_epoch=args.batches_per_epoch)
-            # no val_set: keep=best then judges on a hold-out of the training images, as the search does (choosing
-            # the epoch on the split the table reports would flatter the uniform policies)
-            blockwise_recovery(student, teacher, train_set, plan=conv.plan, local=local, global_config=gcfg)
+            # the search's own recovery (refit raced, local, global); keep=best judges on a hold-out of the training
+            # images, as the search does (choosing the epoch on the split the table reports would flatter them)
+            student, info = recover(conv.model, teacher, train_set, conv.plan, opts, output=tmp / f"{name}.state")
             models[name] = latency_model(teacher, conv.plan)
             result["uniform"][name] = {"val_acc": evaluate(student, val_set),  # as the searched rows are scored
                                        "agreement": agreement(student, teacher, eval_batches),
-                                       "loadavg_1m": round(os.getloadavg()[0], 2)}
+                                       "start": info.get("start"), "loadavg_1m": round(os.getloadavg()[0], 2)}
             save_partial(result, args.out)
         err.print(f"timing {len(models)} models together on {args.target}")
         x = val_set.tensors[0][:1]

@@ -33,6 +33,7 @@ OrtLevel = Literal["disable", "basic", "extended", "all"]
 ExportFormat = Literal["onnx", "engine"]
 Backend = Literal["torch", "ort", "trt"]
 Device = Literal["cpu", "cuda"]
+Refit = Literal["auto", "on", "off"]  # the least-squares refit before recovery; auto: raced against no refit
 
 T = TypeVar("T")
 

@@ -445,7 +445,10 @@ def _search_section(search: SearchRecord) -> str:
     ], numeric=(1, 2), cls="search")
     stage = "skipped (0 local epochs)" if r.get("local_skipped") else "run" if r.get("local") else "not run"
     units = ", ".join(f"{_e(u)}: {_e(c)}" for u, c in choice.items()) or "none"
-    facts = (f"<p>{len(choice)} units converted ({units}); local distillation {stage}; candidate table "
+    start = r.get("start") or {}
+    raced = (f"; the global stage went on from the {_e(start.get('chosen'))} model (refit raced against none)"
+             if start.get("chosen") else "")
+    facts = (f"<p>{len(choice)} units converted ({units}); local distillation {stage}{raced}; candidate table "
              f"{'reused' if r.get('table_reused') else 'built'}.</p>")
     rows = [[_e(p.get("name")), _e(p.get("kind")), _num(p.get("latency_ms"), ".3f"), pct(_number(p.get("accuracy"))),
              _num(p.get("speedup"), ".2f", "x"), _num(p.get("predicted_latency_ms"), ".3f"),

@@ -190,6 +190,9 @@ def test_search_pareto_quick(tmp_path):
     assert all("when measured" in why for why in refused.values())
     assert set(r["searched"]) | {f"searched-{b}" for b in map(float, refused)} == {f"searched-{b}" for b in budgets}
     assert f"searched-{budgets[0]}" in r["searched"]  # 0.97: one unit's saving is enough
+    for name in ("pf-all", "pf-hybrid"):  # the search's recovery: the refit raced against none
+        assert set(r["uniform"][name]["start"]["scores"]) == {"converted", "refit"}
+    assert r["uniform"]["replace-every-2"]["start"] is None  # no pool, nothing to refit
     for b in budgets:
         if str(b) in refused:
             continue

@@ -97,6 +97,10 @@ def searched(r) -> None:
             probes.add_row(str(i), str(len(p["choice"])), f"{p['table_ratio']:.3f}", f"{p['predicted_ratio']:.3f}",
                            f"{p['measured_ratio']:.3f}")
         out.print(probes)
+    if r.start:
+        scores = ", ".join(f"{name} {pct(v)}" for name, v in r.start["scores"].items())
+        note(f"refit raced against none: the global stage went on from the {r.start['chosen']} model "
+             f"({r.start['metric']} after {r.start['epochs']} epoch(s): {scores})")
     if r.local_skipped:
         note("local (block-wise) distillation skipped: 0 local epochs")
     note(f"checkpoint: {r.checkpoint or '- (nothing converted)'}")

@@ -9,7 +9,7 @@ import typer
 
 from repconv.cli import render, render_run
 from repconv.cli.options import ArchOpt, JsonOpt, ModelArg, NumClassesOpt, TrustOpt
-from repconv.options import Device
+from repconv.options import Device, Refit
 
 TARGETS = "ort-cpu | ort-cuda | tensorrt | torch-nchw | torch-channels-last"
 
@@ -37,10 +37,13 @@ def search(model: ModelArg,
            latency_checks: Annotated[int, typer.Option("--latency-checks", help="with --latency-budget: assembled "
                                                        "plans timed after the first to meet the budget (0: keep the "
                                                        "table's plan)")] = 3,
-           refit: Annotated[bool, typer.Option("--refit/--no-refit", help="least-squares refit of the layer after "
-                                               "each new pool before the local stage (as calibrate does)")] = True,
+           refit: Annotated[Refit, typer.Option("--refit", help="least-squares refit of the layer after each new "
+                                                "pool (as calibrate does): on | off | auto (the refitted and the "
+                                                "converted model race through the first global epoch; the better "
+                                                "goes on)")] = "auto",
            local_epochs: Annotated[int, typer.Option("--local-epochs", help="block-wise (local) distillation "
-                                                     "epochs of the assembled model; 0 skips the stage")] = 3,
+                                                     "epochs of the assembled model before the global stage; 0 (the "
+                                                     "default) skips it")] = 0,
            global_epochs: Annotated[int, typer.Option("--global-epochs", help="distillation epochs of the "
                                                       "assembled model (logits); 0 skips the stage")] = 3,
            global_lr: Annotated[float, typer.Option("--global-lr", help="learning rate of the global stage")] = 3e-3,

@@ -27,17 +27,18 @@ import torch
 from torch import nn
 
 from repconv.errors import DataError, OptionError, OutputError
-from repconv.options import Device, Objective, check_choices
+from repconv.formatting import pct
+from repconv.options import Device, Objective, Refit, check_choices
 from repconv.search.candidates import KINDS, assemble_plan, enumerate_candidates
 from repconv.search.damage import DamageOptions, build_views, measure_damage
 from repconv.search.latency import check_target, measure_models, measure_unit_deltas
 from repconv.search.measured import MeasuredSelection, Probe, check_latency_options, select_measured
 from repconv.search.pareto import Point, pareto_table, plot
+from repconv.search.recover import batches_on, global_stage, image_list, prepare_starts
 from repconv.search.select import Selection, check_budget, fastest, select
 from repconv.search.table import CandidateTable, Figures, data_digest, load_table, model_digest, now_utc, table_key
-from repconv.train.calibrate import refit_layers
-from repconv.train.local import LocalOptions, LocalResult, device_of, local_distill
-from repconv.train.refit import has_pools
+from repconv.train.local import LocalOptions, LocalResult, device_of
+from repconv.train.loop import state_path_for
 
 TABLE_FILE, PARTIAL_FILE = "candidates.json", "candidates.partial.json"
 CHECKPOINT_FILE, RESULT_FILE, PLOT_FILE = "searched.repconv.safetensors", "search.json", "pareto.png"
@@ -59,9 +60,13 @@ class SearchOptions:
     damage: DamageOptions = field(default_factory=DamageOptions)
     train_images: int | None = 1024  # images for the table's local distillation (None: all)
     eval_images: int = 256  # held-out images scoring each candidate
-    refit: bool = True  # least-squares refit of the layer after each new pool, before the local stage (calibrate's)
+    # least-squares refit of the layer after each new pool (calibrate's); auto: raced against no refit over the
+    # first race_epochs of the global stage (search/recover.py)
+    refit: Refit = "auto"
+    race_epochs: int = 1
     refit_images: int = 256  # images (batches of 64) the refit reads
-    local: LocalOptions = field(default_factory=LocalOptions)  # the assembled model's local stage (epochs 0: skip it)
+    # the assembled model's local stage (epochs 0, the default: skip it; it lost to global epochs, results 2.7f)
+    local: LocalOptions = field(default_factory=lambda: LocalOptions(epochs=0))
     global_epochs: int = 3  # 0: skip the global stage
     global_lr: float = 3e-3  # measured better than 1e-3 for converted models (docs/results.md 2.7a)
     global_objective: Objective = "distill"  # labels needed for both / ce
@@ -76,6 +81,9 @@ class SearchOptions:
         for name, value in (("local_epochs", self.local.epochs), ("global_epochs", self.global_epochs)):
             if value < 0:
                 raise OptionError(name, value, "must not be negative", "give 0 to skip the stage, or more epochs")
+        if self.race_epochs < 1:
+            raise OptionError("race_epochs", self.race_epochs, "must be at least 1",
+                              "give the global epochs each start trains before one is chosen, e.g. 1")
         if not self.global_lr > 0:
             raise OptionError("global_lr", self.global_lr, "is not positive", "give a learning rate such as 1e-3")
         check_latency_options(self.latency_checks, self.latency_tolerance)
@@ -122,6 +130,7 @@ class SearchResult:
     local_skipped: bool = False  # the plan was converted but options.local.epochs was 0: agreement_after_local None
     pareto: list[dict] = field(default_factory=list)  # pareto.pareto_table rows of the plotted points
     refit: dict | None = None  # the assembled model's least-squares refit (None: off, or no pool to refit)
+    start: dict | None = None  # train.race.RaceResult: where the global stage started (refit auto), None: no race
     latency_probes: list[dict] = field(default_factory=list)  # measured.Probe of each assembled plan timed to select
 
     @property
@@ -150,20 +159,6 @@ class SearchResult:
 
 
 # ---------------------------------------------------------------- data
-
-
-def _images(ds, limit: int | None, batch_size: int) -> list[torch.Tensor]:
-    from repconv.train.local import image_batches
-
-    out, n = [], 0
-    for x in image_batches(ds, batch_size):
-        if limit is not None and n >= limit:
-            break
-        if limit is not None:
-            x = x[: limit - n]
-        out.append(x)
-        n += len(x)
-    return out
 
 
 def load_data(data, val_data, meta, *, labeled: bool = False):
@@ -212,8 +207,8 @@ def build_table(teacher: nn.Module, train_set, val_set, *, options: SearchOption
     check_target(options.target, options.device)
     teacher.eval()
     torch.manual_seed(options.seed)
-    train_batches = _images(train_set, options.train_images, options.damage.batch_size)
-    eval_batches = _images(val_set, options.eval_images, 128)
+    train_batches = image_list(train_set, options.train_images, options.damage.batch_size)
+    eval_batches = image_list(val_set, options.eval_images, 128)
     if not train_batches or not eval_batches:
         raise DataError("the search data holds no images", "give a folder with images")
     units = enumerate_candidates(teacher, leaves=leaves, kinds=options.kinds, units=options.units)
@@ -236,8 +231,8 @@ def build_table(teacher: nn.Module, train_set, val_set, *, options: SearchOption
     if damage is None:
         t0 = time.perf_counter()
         say(f"measuring accuracy damage of {sum(len(v) for v in views.values())} candidates")
-        damage = measure_damage(work, units, _to(train_batches, work), _to(eval_batches, work), options.damage,
-                                views=views, progress=say)
+        damage = measure_damage(work, units, batches_on(work, train_batches), batches_on(work, eval_batches),
+                                options.damage, views=views, progress=say)
         seconds["damage"] = round(time.perf_counter() - t0, 1)
         if partial is not None:
             from repconv.io import write_text_atomic
@@ -286,10 +281,6 @@ def on_device(model: nn.Module, device: str) -> nn.Module:
     return model if torch.device(device).type == "cpu" else copy.deepcopy(model).to(device)
 
 
-def _to(batches: Sequence[torch.Tensor], model: nn.Module) -> list[torch.Tensor]:
-    return [x.to(device_of(model)) for x in batches]
-
-
 def _labeled_accuracy(model: nn.Module, ds) -> float | None:
     from repconv.train.loop import evaluate
 
@@ -325,8 +316,6 @@ def search(model, data, output: str | os.PathLike, *, latency_budget: float | No
     in the module docstring under ``output``."""
     from repconv.checkpoint import load_checkpoint, save
     from repconv.io import write_text_atomic
-    from repconv.train.loop import TrainConfig, fit
-
     options = options or SearchOptions()
     say = progress or (lambda _m: None)
     started = time.perf_counter()
@@ -354,7 +343,7 @@ def search(model, data, output: str | os.PathLike, *, latency_budget: float | No
     table, reused = build_table(teacher, train_set, val_set, options=options, cache=table_path, refresh=refresh,
                                 leaves=meta.plan.leaves if meta.plan else (), progress=say)
     seconds["table"] = round(time.perf_counter() - t0, 1)
-    eval_batches = _images(val_set, options.eval_images, 128)
+    eval_batches = image_list(val_set, options.eval_images, 128)
     example = eval_batches[0][:1].expand(options.latency_batch, *eval_batches[0].shape[1:]).contiguous()
     leaves = meta.plan.leaves if meta.plan else ()
     ckpt = out / CHECKPOINT_FILE
@@ -373,7 +362,7 @@ def search(model, data, output: str | os.PathLike, *, latency_budget: float | No
     history: list[dict] = []
     agree_local = None
     local_skipped = False
-    refit_res = None
+    refit_res = start = None
     if not plan.steps:
         student = copy.deepcopy(teacher)
     else:
@@ -383,55 +372,53 @@ def search(model, data, output: str | os.PathLike, *, latency_budget: float | No
         done_local = prior is not None and info.get("plan_digest") == plan.digest() and info.get("phase") in (
             "local", "global")
         if done_local:
-            student = prior.model
+            starts = {"resumed": prior.model}
+            meta = copy.deepcopy(prior.meta)
             local_skipped = bool(info.get("local_skipped", False))
             agree_local = info.get("agreement_after_local")  # measured when the local stage ended
+            refit_res, start = info.get("refit"), info.get("start")
             say("resuming after the local stage")
-        if not done_local:
+        else:
             conv = convert(loaded, plan=plan)
-            student = conv.model.to(device_of(work))
             meta = copy.deepcopy(conv.meta)
-            local_skipped = options.skip_local
             meta.extra["search"] = {"phase": "converted", "plan_digest": plan.digest(),
                                     "selection": selection.to_dict(), "table_key": table.key,
-                                    "probes": [p.to_dict() for p in chosen.probes], "local_skipped": local_skipped}
-            if options.refit and has_pools(plan):
-                say("refitting the layers after the new pools (least squares)")
-                cal = refit_layers(student, work, _to(_images(train_set, options.refit_images, 64), work))
-                refit_res = cal.refit | {"kept_input": cal.kept_input, "kl_before": cal.kl_before,
-                                         "kl_after": cal.kl_after}
-                meta.extra["search"]["refit"] = {k: refit_res[k] for k in ("mean_error_before", "mean_error_after")}
-            if local_skipped:
-                say("local distillation skipped (0 local epochs)")
-            else:
-                t0 = time.perf_counter()
-                local_res = _local_stage(student, work, train_set, plan, options, _to(eval_batches, work),
-                                         progress is not None)
-                seconds["local"] = round(time.perf_counter() - t0, 1)
-                agree_local = agreement(student, work, eval_batches)
+                                    "probes": [p.to_dict() for p in chosen.probes],
+                                    "local_skipped": options.skip_local}
+            prepared = prepare_starts(conv.model.to(device_of(work)), work, train_set, plan, options,
+                                      batches_on(work, eval_batches), say=say, progress=progress is not None)
+            starts, local_res, local_skipped = prepared.models, prepared.local, prepared.local_skipped
+            refit_res = prepared.refit
+            seconds |= prepared.seconds
+            if refit_res:
+                meta.extra["search"]["refit"] = {k: refit_res[k] for k in ("mean_error_before", "mean_error_after",
+                                                                           "mode")}
+            if local_res is not None:
+                agree_local = agreement(next(iter(starts.values())), work, eval_batches)
                 meta.extra["search"] |= {"phase": "local", "agreement_after_local": agree_local}
-                save(ckpt, student, meta)
-        else:
-            meta = copy.deepcopy(prior.meta)
+                save(ckpt, next(iter(starts.values())), meta)
+        student = next(iter(starts.values()))
         if options.global_epochs > 0:
-            t0 = time.perf_counter()
-            cfg = TrainConfig(epochs=options.global_epochs, lr=options.global_lr, objective=options.global_objective,
-                              trainable="all", batch_size=options.local.batch_size, seed=options.seed,
-                              batches_per_epoch=options.batches_per_epoch, keep="best")  # never worse than its input
 
             def save_model(m: nn.Module, metrics: dict) -> None:
                 meta.extra["search"] = meta.extra.get("search", {}) | {"phase": "global",
                                                                        "epoch": metrics.get("epoch")}
                 save(ckpt, m, meta)
 
-            res = fit(student, train_set, cfg, teacher=work, save_model=save_model, output=ckpt, resume=resume,
-                      progress=progress is not None)
-            history = res.history
-            seconds["global"] = round(time.perf_counter() - t0, 1)
+            def on_start(race: dict) -> None:
+                meta.extra["search"]["start"] = race
+                say(f"the global stage continues from the {race['chosen']} model ("
+                    + ", ".join(f"{k}: {pct(v)}" for k, v in race["scores"].items()) + f" {race['metric']} after "
+                    f"{race['epochs']} epoch(s))")
+
+            stage = global_stage(starts, work, train_set, options, output=ckpt, save_model=save_model,
+                                 on_start=on_start, resume=resume, progress=progress is not None)
+            student, history, start = stage.model, stage.history, stage.start or start
+            seconds["global"] = stage.seconds
         student.cpu().eval()  # verified on the CPU beside the original
         meta.extra["search"] = meta.extra.get("search", {}) | {"phase": "done"}
         save(ckpt, student, meta)
-        Path(f"{ckpt}.state.pt").unlink(missing_ok=True)  # the global stage's resume state: no longer needed
+        state_path_for(ckpt).unlink(missing_ok=True)  # the global stage's resume state: no longer needed
     t0 = time.perf_counter()
     say("verifying latency and accuracy against the prediction")
     measured = measure_models({"original": teacher, "searched": latency_model(teacher, plan)}, example,
@@ -444,7 +431,7 @@ def search(model, data, output: str | os.PathLike, *, latency_budget: float | No
                           chosen.predicted_ratio * selection.base_latency_ms,
                           selection.predicted_drop, agree_local, agree, _labeled_accuracy(teacher, val_set),
                           _labeled_accuracy(student, val_set), local_res.to_dict() if local_res else None, history,
-                          local_skipped=local_skipped, refit=refit_res,
+                          local_skipped=local_skipped, refit=refit_res, start=start,
                           latency_probes=[p.to_dict() for p in chosen.probes])
     seconds["verify"] = round(time.perf_counter() - t0, 1)
     seconds["total"] = round(time.perf_counter() - started, 1)
@@ -489,16 +476,6 @@ def _resumed_selection(info: dict, table: CandidateTable, latency_budget: float 
         return None
     saved.pop("predicted_ratio", None)
     return MeasuredSelection(Selection(**saved), [Probe(**p) for p in info.get("probes", [])])
-
-
-def _local_stage(student: nn.Module, teacher: nn.Module, train_set, plan, options: SearchOptions,
-                 eval_batches: Sequence[torch.Tensor], progress: bool) -> LocalResult:
-    """Block-wise distillation of the assembled model (in place), capped at ``batches_per_epoch``."""
-    local_opts = copy.deepcopy(options.local)
-    if options.batches_per_epoch:
-        local_opts.steps_per_epoch = options.batches_per_epoch
-    return local_distill(student, teacher, train_set, plan=plan, options=local_opts, eval_data=eval_batches,
-                         progress=progress)
 
 
 def predicted_frontier(table: CandidateTable, budgets: Sequence[float] | None = None) -> list[Selection]:

@@ -335,22 +335,25 @@ def _progress(enabled: bool):
 
 def fit(model: nn.Module, train_set: Dataset, cfg: TrainConfig, *, val_set: Dataset | None = None,
         teacher: nn.Module | None = None, save_model: Callable[[nn.Module, dict], None] | None = None,
-        output: str | os.PathLike | None = None, resume: bool = False, progress: bool = False) -> FitResult:
+        output: str | os.PathLike | None = None, resume: bool = False, progress: bool = False,
+        stop_after: int | None = None) -> FitResult:
     """Train ``model`` in place. ``save_model(model, epoch_metrics)`` writes the model file after every
     epoch (rank 0 only); with ``output``, a state file ``OUTPUT.state.pt`` and metrics ``OUTPUT.metrics.jsonl``
-    are written beside it."""
+    are written beside it. ``stop_after=N`` trains only the schedule's first N epochs and leaves the model as
+    the last of them (nothing is chosen or restored); ``resume=True`` on the same ``output`` continues it."""
     cfg.check()
     rank, world, local_rank = dist_env()
     created_group = _init_distributed(world)
     try:
         return _fit(model, train_set, cfg, val_set, teacher, save_model, output, resume, progress,
-                    rank, world, _device(local_rank))
+                    rank, world, _device(local_rank), stop_after)
     finally:
         if created_group:
             dist.destroy_process_group()
 
 
-def _fit(model, train_set, cfg, val_set, teacher, save_model, output, resume, progress, rank, world, device):
+def _fit(model, train_set, cfg, val_set, teacher, save_model, output, resume, progress, rank, world, device,
+         stop_after=None):
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     val_source, held = ("val" if val_set is not None else None), 0
@@ -408,7 +411,7 @@ def _fit(model, train_set, cfg, val_set, teacher, save_model, output, resume, pr
     result.input_metrics = judge.input_metrics
 
     with _progress(progress and rank == 0) as bar:
-        for epoch in range(start, cfg.epochs):
+        for epoch in range(start, cfg.epochs if stop_after is None else min(stop_after, cfg.epochs)):
             metrics = _train_epoch(net, model, teacher, loader, sampler, batches, epoch, cfg, opt, sched, scaler,
                                    amp_dtype, device, bar)
             metrics.update(judge.measure())
@@ -422,7 +425,9 @@ def _fit(model, train_set, cfg, val_set, teacher, save_model, output, resume, pr
                 dist.barrier()
     if result.history:
         result.train_loss = result.history[-1]["train_loss"]
-    result.written, result.warning = judge.finish(result.history)
+    stopped = stop_after is not None and len(result.history) < cfg.epochs
+    if not stopped:  # a stopped run is continued, not judged
+        result.written, result.warning = judge.finish(result.history)
     result.best_epoch = judge.best_epoch
     chosen = _written_metrics(result)
     result.val_acc, result.agreement = chosen.get("val_acc"), chosen.get("agreement")

@@ -21,6 +21,7 @@ def test_search_end_to_end(searched):
     assert res.selection.choice and not res.table_reused
     assert set(res.seconds) >= {"table", "select", "local", "global", "verify"}
     assert not res.local_skipped and res.local is not None and res.agreement_after_local is not None
+    assert res.start is None  # with a local stage the refit is not raced: it runs ("auto" -> "on")
     for name in ("candidates.json", "search.json", "searched.repconv.safetensors", "pareto.png"):
         assert (out / name).is_file(), name
     assert not (out / "searched.repconv.safetensors.state.pt").exists()
@@ -51,17 +52,26 @@ def test_cache_reused_and_invalidated(searched, digits_checkpoint, tmp_path):
     assert cache.stat().st_mtime_ns == stamp and not (tmp_path / "c" / "searched.repconv.safetensors").exists()
 
 
-def test_local_stage_skipped(searched, digits_checkpoint, tmp_path):
+def test_local_stage_skipped_and_the_refit_raced(searched, digits_checkpoint, tmp_path):
+    """The defaults: no local stage; ``refit="auto"``: the refitted and the converted model race through the first
+    global epoch and the better one goes on (``--refit off``: no refit, nothing raced)."""
     out, _ = searched
     res = search(digits_checkpoint, "digits", tmp_path / "s", max_drop=100.0, cache=out / "candidates.json",
-                 options=quick(local=LocalOptions(epochs=0, batch_size=32), refit=False))
+                 options=quick(local=LocalOptions(epochs=0, batch_size=32), refit="auto", global_epochs=2))
     assert res.table_reused and res.selection.choice and res.checkpoint is not None
-    assert res.local_skipped and res.local is None and res.agreement_after_local is None and res.refit is None
+    assert res.local_skipped and res.local is None and res.agreement_after_local is None
     assert "local" not in res.seconds and "global" in res.seconds and 0 <= res.agreement <= 1
+    assert res.refit["mode"] == "auto" and set(res.start["scores"]) == {"converted", "refit"}
+    assert res.start["chosen"] in ("converted", "refit") and res.start["epochs"] == 1
+    assert len(res.global_history) == 2 and not list((tmp_path / "s").glob("*.start-*"))
     saved = json.loads((tmp_path / "s" / "search.json").read_text())
     assert saved["local_skipped"] is True and saved["local"] is None and saved["measured_drop_after_local"] is None
+    assert saved["start"] == res.start
     info = repconv.load_checkpoint(res.checkpoint).meta.extra["search"]
-    assert info["phase"] == "done" and info["local_skipped"] is True
+    assert info["phase"] == "done" and info["local_skipped"] is True and info["start"] == res.start
+    off = search(digits_checkpoint, "digits", tmp_path / "off", max_drop=100.0, cache=out / "candidates.json",
+                 options=quick(local=LocalOptions(epochs=0, batch_size=32), refit="off"))
+    assert off.refit is None and off.start is None
 
 
 def test_stage_epochs_are_not_negative():
@@ -75,6 +85,10 @@ def test_stage_epochs_are_not_negative():
         quick(global_lr=0)
     with pytest.raises(OptionError, match="refit_images=2 is too few"):
         quick(refit_images=2)
+    with pytest.raises(OptionError, match="refit=True is not a known choice"):
+        quick(refit=True)
+    with pytest.raises(OptionError, match="race_epochs=0 must be at least 1"):
+        quick(race_epochs=0)
 
 
 def test_searched_checkpoint_folds_and_exports(searched, tmp_path):

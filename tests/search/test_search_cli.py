@@ -38,12 +38,13 @@ def test_inspect_shows_a_candidate_table(run_cli, small_checkpoint, tmp_path):
     assert code == 2 and "does not exist" in err
 
 
-def test_local_epochs_flag_default_is_the_api_default():
+def test_recovery_flag_defaults_are_the_api_defaults():
     import typer
 
     from repconv.cli.app import app
-    from repconv.train.local import LocalOptions
+    from repconv.search.run import SearchOptions
 
     params = {p.name: p for p in typer.main.get_command(app).commands["search"].params}
-    assert params["local_epochs"].default == LocalOptions().epochs
-    assert "0 skips" in params["local_epochs"].help
+    assert params["local_epochs"].default == SearchOptions().local.epochs == 0
+    assert params["refit"].default == SearchOptions().refit == "auto"
+    assert "skips it" in params["local_epochs"].help and "race" in params["refit"].help
