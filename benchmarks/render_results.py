@@ -161,19 +161,24 @@ def blockwise(r: dict) -> str:
 def search_pareto(r: dict) -> str:
     """benchmarks/search_pareto.py: searched plans at each budget and the uniform policies, timed together."""
     base = r["original"]["latency_ms"]
-    rows = [["original", "-", f"- / {base:.2f} ms", "1.00x", pct(r["original"]["val_acc"]), "-", "-"]]
+
+    def start(row: dict) -> str:  # where the global stage went on from, when the refit raced no refit
+        raced = row.get("start") or {}
+        return raced.get("chosen", "-")
+
+    rows = [["original", "-", f"- / {base:.2f} ms", "1.00x", pct(r["original"]["val_acc"]), "-", "-", "-"]]
     for s in r["searched"].values():
         probes = s.get("latency_probes") or []
         rows.append([f"searched, budget {s['budget']}", str(len(s["choice"])),
                      f"{s['predicted_ratio']:.3f} / {s['latency_ms'] / base:.3f} ({s['predicted_vs_measured']:+.1%})",
-                     f"{s['speedup']:.2f}x", pct(s["val_acc"]), pct(s["agreement"]),
+                     f"{s['speedup']:.2f}x", pct(s["val_acc"]), pct(s["agreement"]), start(s),
                      ", ".join(f"{p['measured_ratio']:.3f}" for p in probes) or "-"])
     for name, u in r["uniform"].items():
         rows.append([name, "all" if name.startswith("pf") else "-", f"- / {u['latency_ms'] / base:.3f}",
-                     f"{u['speedup']:.2f}x", pct(u["val_acc"]), pct(u["agreement"]), "-"])
+                     f"{u['speedup']:.2f}x", pct(u["val_acc"]), pct(u["agreement"]), start(u), "-"])
     parts = [machine_line(r), table(["model", "units converted", "predicted / measured latency", "speed-up",
-                                     "val acc", "agreement with the original", "assembled plans timed to select"],
-                                    rows)]
+                                     "val acc", "agreement with the original", "recovery started from",
+                                     "assembled plans timed to select"], rows)]
     checks = [f"* {name}: " + ", ".join(f"{k} {v}" for k, v in c.items() if k != "uniform_compared")
               + f" (uniform policies compared: {', '.join(c['uniform_compared']) or 'none'})"
               for name, c in r.get("checks", {}).items()]

@@ -8,13 +8,14 @@ the lower the budget the table is solved for, the faster the assembled plan runs
 bracketing the table's budget ``t`` between plans that were timed:
 
 1. solve for ``t = budget`` and time the assembled plan against the original, interleaved;
-2. after a miss, time the table's fastest plan once: if even it misses, no plan meets the budget; otherwise it
+2. after a miss, time the table's fastest plan once (predicted: its table ratio scaled by how far off the table
+   was for the first plan, measured over table ratio): if even it misses, no plan meets the budget; otherwise it
    and the missed plan bracket the answer;
 3. interpolate, between the bracket's two timed plans, the ``t`` whose plan should run at the budget; solve,
    time, narrow the bracket; until a plan lands within ``tolerance`` under the budget, at most ``checks`` times.
 
-A plan's predicted latency is the interpolation between plans timed before it (the table's own figure for the
-first), so predicted against measured stays an honest check. The plan returned is the one with the least
+A plan's predicted latency comes only from plans timed before it (the table's own figure for the first), so
+predicted against measured stays an honest check. The plan returned is the one with the least
 predicted drop among those that met the budget.
 """
 
@@ -69,6 +70,14 @@ def interpolate(lo: Probe, hi: Probe, table_budget: float) -> float:
     return lo.measured_ratio + w * (hi.measured_ratio - lo.measured_ratio)
 
 
+def rescaled(sel: Selection, timed: Probe) -> float:
+    """The table's ratio for ``sel`` scaled by how far off it was for a timed plan (measured over table ratio):
+    the prediction for a plan that no bracket holds yet (the table's own figure when it gives no scale)."""
+    if timed.table_ratio <= 0 or not timed.choice:
+        return sel.predicted_ratio
+    return sel.predicted_ratio * timed.measured_ratio / timed.table_ratio
+
+
 def check_latency_options(checks: int, tolerance: float) -> None:
     """Raise OptionError unless ``checks`` (plans timed after the first) and ``tolerance`` (a fraction) make sense."""
     if checks < 0:
@@ -109,7 +118,7 @@ def select_measured(table: CandidateTable, latency_budget: float, measure: Calla
         lo, hi = first, Probe({}, 1.0, 1.0, 1.0, 1.0)
     else:
         quickest = fastest(table)
-        anchor = timed(quickest, quickest.predicted_ratio, quickest.predicted_ratio)
+        anchor = timed(quickest, quickest.predicted_ratio, rescaled(quickest, first))
         if anchor.measured_ratio > limit:
             raise PlanError(f"no plan meets {{option}} {latency_budget} when measured: the fastest plan the candidate "
                             f"table allows ({len(quickest.choice)} units converted, predicted drop "

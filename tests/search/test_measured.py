@@ -38,6 +38,9 @@ def test_savings_that_shrink_in_the_whole_model_are_bracketed_and_the_budget_met
     first, anchor, *rest = got.probes
     assert first.measured_ratio > 0.8 * 1.03  # the table's plan misses
     assert anchor.choice == fastest(make_table()).choice and anchor.measured_ratio <= 0.8  # then the fastest plan
+    # predicted as the table's ratio scaled by the first plan's error (the table alone would be far off)
+    assert anchor.predicted_ratio == pytest.approx(anchor.table_ratio * first.measured_ratio / first.table_ratio)
+    assert abs(anchor.predicted_ratio / anchor.measured_ratio - 1) < abs(anchor.table_ratio / anchor.measured_ratio - 1)
     assert rest and 0.8 * 0.97 <= got.measured_ratio <= 0.8 * 1.03  # a plan between them lands at the budget
     for probe in rest:  # predicted before timing, from the plans timed before it: within 10% here
         assert probe.predicted_ratio != probe.table_ratio
