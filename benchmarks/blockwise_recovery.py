@@ -91,12 +91,13 @@ def run_arm(spec: str, student, teacher, train_set, val_set, args) -> dict:
         global_epochs -= args.local_epochs
     objective = {"ce": "ce", "kd": "distill", "local+kd": "distill", "local+both": "both", "refit+ce": "ce",
                  "refit+kd": "distill", "refit+both": "both", "refit+local+kd": "distill"}[arm]
+    row["history"] = []
     if global_epochs > 0:
         res = fit(student, train_set, _cfg(args, global_epochs, objective, lr), val_set=val_set,
                   teacher=teacher if objective != "ce" else None)
         row["history"] = [{k: h.get(k) for k in ("epoch", "train_loss", "val_acc", "seconds")} for h in res.history]
     row["val_acc"] = evaluate(student, val_set)
-    row["global_epochs"], row["seconds"] = global_epochs, round(time.perf_counter() - started, 1)
+    row["global_epochs"], row["seconds"] = max(global_epochs, 0), round(time.perf_counter() - started, 1)
     row["loadavg_1m_end"] = load1()
     err.print(f"  {arm}: {row['val_acc']:.2%} ({row['seconds']:.0f} s, load {row['loadavg_1m_end']})")
     return row

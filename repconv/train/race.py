@@ -4,11 +4,11 @@ A step that lowers a converted model's error before training (the least-squares 
 can still leave a worse model after training: on a converged resnet50 at 32px the refit lifts pf-all from 9% to
 49% before distillation and ends 1.4 points below plain distillation, while on mobilenet_v2 it is worth 7 points
 (docs/results.md 2.7a, 2.7d). After the first epoch of distillation the order of the starts was already the
-order at the end in all three cases measured (2.7f). So each start trains the first ``epochs`` of the SAME
-schedule (``loop.fit(stop_after=...)``), and the one that then scores best on the held-out images (the
-training loop's judge: accuracy where they have labels, else top-1 agreement with the teacher) continues where
-it stopped: its optimizer and schedule state carry on, so only the losers' epochs are extra
-work. Ties go to the start listed first.
+order at the end in three of the four cases measured, and the fourth ended one image apart (2.7f). So each
+start trains the first ``epochs`` of the SAME schedule (``loop.fit(stop_after=...)``), and the one that then
+scores best on the held-out images (the training loop's judge: accuracy where they have labels, else top-1
+agreement with the teacher) continues where it stopped: its optimizer and schedule state carry on, so only the
+losers' epochs are extra work. Ties go to the start listed first.
 """
 
 from __future__ import annotations
