@@ -22,7 +22,7 @@ its checks, every check ``ok`` / ``failed`` (with the error) / ``skipped`` (with
 4. ``ddp``: ``repconv.train.loop.fit`` and an explicit DistributedDataParallel loop under ``torchrun``
    (world size 1, NCCL) against the same runs without a process group.
 5. ``search``: ``repconv search`` of a cifar_resnet20 on digits (layer3's units, a few batches a stage) with
-   ``--device cuda``: the candidate table, the refit and the local stage on the GPU, latency on the ``torch-nchw``
+   ``--device cuda``: the candidate table, the refit and its race on the GPU, latency on the ``torch-nchw``
    target on the GPU, then ``ort-cuda`` and ``tensorrt`` targets where ONNX Runtime has their providers; the
    searched checkpoint must load on the CPU, fold within 1e-5 and export verified ONNX. The CPU dry run does the
    same on the CPU.
@@ -929,13 +929,13 @@ def _search_once(ckpt: Path, out: Path, device: str, target: str) -> dict:
     opts = SearchOptions(target=target, device=device, threads=2, units=("layer3.*",), kinds=("pf-avg", "pf-max"),
                          damage=DamageOptions(steps=2, batch_size=32), train_images=64, eval_images=64,
                          refit_images=64, latency_rounds=1, latency_block=3, latency_warmup=1, verify_rounds=1,
-                         local=LocalOptions(epochs=1, batch_size=32), global_epochs=1, batches_per_epoch=2,
-                         latency_tolerance=0.5)
+                         local=LocalOptions(epochs=0, batch_size=32), global_epochs=2, batches_per_epoch=2,
+                         refit="auto", latency_tolerance=0.5)  # the defaults: no local stage, the refit raced
     started = time.perf_counter()
     res = search(ckpt, "digits", out, max_drop=100.0, options=opts)
     values = {"seconds": round(time.perf_counter() - started, 1), "choice": res.selection.choice,
               "predicted_ratio": res.selection.predicted_ratio, "measured_ratio": res.latency_ratio,
-              "agreement": res.agreement, "table_s": res.seconds.get("table")}
+              "agreement": res.agreement, "table_s": res.seconds.get("table"), "start": res.start}
     loaded = repconv.load_checkpoint(res.checkpoint)  # on the CPU, whatever trained it
     folded = repconv.fold(res.checkpoint, output=out / "folded.repconv.safetensors")
     exported = repconv.export(res.checkpoint, out / "searched.onnx", exporter="legacy")

@@ -114,6 +114,7 @@ def test_cpu_parts_ran(dry_run):
     searched = parts["search"]["checks"]["search_torch-nchw"]
     assert searched["choice"] and searched["fold_parity_max_rel"] <= 1e-5 and searched["onnx_verified"]
     assert searched["loaded_on"] == "cpu" and 0 <= searched["agreement"] <= 1
+    assert searched["start"] is None or searched["start"]["chosen"] in ("converted", "refit")  # raced if kept
     ddp = parts["ddp"]["checks"]["gloo_world1_vs_plain"]
     assert ddp["ddp_wrapped"] and ddp["fit_ranks_in_sync"] and ddp["fit_params_max_abs_diff"] <= 1e-5
 

@@ -85,7 +85,10 @@ def prepare_starts(student: nn.Module, teacher: nn.Module, train_set, plan, opti
         cal = refit_layers(refitted, teacher, batches_on(teacher, image_list(train_set, options.refit_images, 64)))
         starts.refit = cal.refit | {"kept_input": cal.kept_input, "kl_before": cal.kl_before,
                                     "kl_after": cal.kl_after, "mode": mode}
-        starts.models = {"converted": student, "refit": refitted} if mode == "auto" else {"refit": refitted}
+        if mode == "on":
+            starts.models = {"refit": refitted}
+        elif not cal.kept_input:  # a refit its own KL check undid is the converted model: nothing to race
+            starts.models = {"converted": student, "refit": refitted}
     if options.skip_local:
         say("local distillation skipped (0 local epochs)")
         return starts
@@ -118,7 +121,7 @@ class GlobalStage:
 def global_stage(starts: dict[str, nn.Module], teacher: nn.Module, train_set, options: SearchOptions, *,
                  output: str | os.PathLike, save_model: Callable[[nn.Module, dict], None] | None = None,
                  on_start: Callable[[dict], None] | None = None, resume: bool = False,
-                 progress: bool = False) -> GlobalStage:
+                 progress: bool = False, say: Callable[[str], None] | None = None) -> GlobalStage:
     """Race ``starts`` when there are several (``on_start(race)`` hears the result before training goes on),
     then train the winner to the end of the schedule; ``output``'s state file lets ``resume`` continue (a resumed
     stage that has one continues it and races nothing)."""
@@ -128,7 +131,7 @@ def global_stage(starts: dict[str, nn.Module], teacher: nn.Module, train_set, op
     continuing = resume and state_path_for(output).exists()
     if len(starts) > 1 and not continuing:
         model, raced = race(starts, train_set, cfg, teacher=teacher, output=output, epochs=options.race_epochs,
-                            progress=progress)
+                            progress=progress, say=say)
         start = raced.to_dict()
         if on_start:
             on_start(start)

@@ -412,7 +412,7 @@ def search(model, data, output: str | os.PathLike, *, latency_budget: float | No
                     f"{race['epochs']} epoch(s))")
 
             stage = global_stage(starts, work, train_set, options, output=ckpt, save_model=save_model,
-                                 on_start=on_start, resume=resume, progress=progress is not None)
+                                 on_start=on_start, resume=resume, progress=progress is not None, say=say)
             student, history, start = stage.model, stage.history, stage.start or start
             seconds["global"] = stage.seconds
         student.cpu().eval()  # verified on the CPU beside the original

@@ -16,7 +16,7 @@ from __future__ import annotations
 import copy
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -51,11 +51,12 @@ def _discard(output: Path) -> None:
 
 def race(starts: Mapping[str, nn.Module], train_set: Dataset, cfg: TrainConfig, *, teacher: nn.Module | None,
          output: str | os.PathLike, epochs: int = 1, val_set: Dataset | None = None,
-         progress: bool = False) -> tuple[nn.Module, RaceResult]:
+         progress: bool = False, say: Callable[[str], None] | None = None) -> tuple[nn.Module, RaceResult]:
     """Train each of ``starts`` (name -> model; the models are trained in place) for the first ``epochs`` of
     ``cfg``'s schedule and keep the one the judge scores best. Returns (that model, the race). Its state and
     metrics files become ``output``'s, so ``fit(model, ..., cfg, output=output, resume=True)`` continues it.
-    Without a metric to judge by (no teacher and no labels) the first start wins."""
+    Without a metric to judge by (no teacher and no labels) the first start wins. ``say(text)`` hears which start
+    is training."""
     if not starts:
         raise OptionError("starts", starts, "is empty", "give at least one model to start from")
     if epochs < 1:
@@ -66,9 +67,11 @@ def race(starts: Mapping[str, nn.Module], train_set: Dataset, cfg: TrainConfig, 
     started = time.perf_counter()
     scores: dict[str, float | None] = {}
     metric = None
-    for name in names:
+    for i, name in enumerate(names, 1):
         arm = race_output(output, name)
         _discard(arm)
+        if say:
+            say(f"race {i}/{len(names)}: the first {epochs} epoch(s) from the {name} model")
         res = fit(starts[name], train_set, copy.deepcopy(cfg), val_set=val_set, teacher=teacher, output=arm,
                   progress=progress, stop_after=epochs)
         metric = res.select_metric

@@ -160,3 +160,32 @@ def test_latency_budget_is_checked_on_the_assembled_model_and_resume_keeps_what_
     assert again.agreement_after_local == res.agreement_after_local  # as measured then, not on the moved weights
     assert again.agreement != res.agreement
 
+
+
+def test_a_refit_its_own_check_undid_is_not_raced(digits_checkpoint, monkeypatch):
+    """``refit="auto"`` races only two different starts: when the refit's KL check kept its input, the refitted
+    model is the converted one and the global stage starts once."""
+    import repconv.search.recover as recover
+    from repconv.conversion import convert
+    from repconv.search.recover import prepare_starts
+    from repconv.search.run import load_data
+
+    loaded = repconv.load_checkpoint(digits_checkpoint)
+    teacher, (train, _) = loaded.model.eval(), load_data("digits", None, loaded.meta)
+    conv = convert(teacher, method="parameter-free", pf_policy="all")
+    real = recover.refit_layers
+
+    def undone(model, teacher, batches, heldout=None):
+        saved = {k: v.clone() for k, v in model.state_dict().items()}
+        cal = real(model, teacher, batches, heldout)
+        model.load_state_dict(saved)  # as _judged does when the fit does not lower the KL
+        cal.kept_input = True
+        return cal
+
+    options = quick(local=LocalOptions(epochs=0), refit="auto", global_epochs=2)
+    raced = prepare_starts(conv.model, teacher, train, conv.plan, options, [])
+    assert set(raced.models) == {"converted", "refit"} and raced.refit["mode"] == "auto"
+    monkeypatch.setattr(recover, "refit_layers", undone)
+    alone = prepare_starts(convert(teacher, method="parameter-free", pf_policy="all").model, teacher, train,
+                           conv.plan, options, [])
+    assert set(alone.models) == {"converted"} and alone.refit["kept_input"] is True

@@ -32,8 +32,11 @@ def test_the_better_start_wins_and_continues(teacher_and_data, tmp_path):
     with torch.no_grad():  # a start that agrees with the teacher by chance only
         broken.fc.weight.normal_(generator=torch.Generator().manual_seed(0))
     output = tmp_path / "model.repconv.safetensors"
+    said: list[str] = []
     winner, result = race({"broken": broken, "good": copy.deepcopy(teacher)}, train, CFG, teacher=teacher,
-                          output=output)
+                          output=output, say=said.append)
+    assert said == ["race 1/2: the first 1 epoch(s) from the broken model",
+                    "race 2/2: the first 1 epoch(s) from the good model"]
     # digits are labeled, so the hold-out of the training images scores accuracy (unlabeled: agreement)
     assert result.chosen == "good" and result.metric == "val_acc" and result.epochs == 1
     assert result.scores["good"] > result.scores["broken"]
