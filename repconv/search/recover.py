@@ -22,34 +22,15 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from repconv.search.data import batches_on, image_list
 from repconv.train.calibrate import refit_layers
-from repconv.train.local import LocalResult, device_of, local_distill
+from repconv.train.local import LocalResult, local_distill
 from repconv.train.loop import TrainConfig, fit, metrics_path_for, state_path_for
 from repconv.train.race import race
 from repconv.train.refit import has_pools
 
 if TYPE_CHECKING:
     from repconv.search.run import SearchOptions
-
-
-def image_list(ds, limit: int | None, batch_size: int) -> list[torch.Tensor]:
-    """The first ``limit`` images of ``ds`` (all: None) as batches of ``batch_size``, labels dropped."""
-    from repconv.train.local import image_batches
-
-    out, n = [], 0
-    for x in image_batches(ds, batch_size):
-        if limit is not None and n >= limit:
-            break
-        if limit is not None:
-            x = x[: limit - n]
-        out.append(x)
-        n += len(x)
-    return out
-
-
-def batches_on(model: nn.Module, batches: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """``batches`` on the device of ``model``'s weights."""
-    return [x.to(device_of(model)) for x in batches]
 
 
 @dataclass

@@ -31,10 +31,11 @@ from repconv.formatting import pct
 from repconv.options import Device, Objective, Refit, check_choices
 from repconv.search.candidates import KINDS, assemble_plan, enumerate_candidates
 from repconv.search.damage import DamageOptions, build_views, measure_damage
+from repconv.search.data import batches_on, image_list, load_data
 from repconv.search.latency import check_target, measure_models, measure_unit_deltas
 from repconv.search.measured import MeasuredSelection, Probe, check_latency_options, select_measured
 from repconv.search.pareto import Point, pareto_table, plot
-from repconv.search.recover import batches_on, global_stage, image_list, prepare_starts
+from repconv.search.recover import global_stage, prepare_starts
 from repconv.search.select import Selection, check_budget, fastest, select
 from repconv.search.table import CandidateTable, Figures, data_digest, load_table, model_digest, now_utc, table_key
 from repconv.train.local import LocalOptions, LocalResult, device_of
@@ -156,40 +157,6 @@ class SearchResult:
                     "measured_drop_after_local": None if self.agreement_after_local is None
                     else 100 * (1 - self.agreement_after_local),
                     "measured_drop": None if self.agreement is None else 100 * (1 - self.agreement)}
-
-
-# ---------------------------------------------------------------- data
-
-
-def load_data(data, val_data, meta, *, labeled: bool = False):
-    """(train set, held-out set): datasets pass through; ``digits`` or a folder is read with the model's input
-    spec; the held-out set is ``val_data``, else the data's ``val`` split, else the last 20% of ``data``."""
-    from repconv.data import has_split, make_dataset
-
-    def read(src, split, labeled=labeled):
-        if not isinstance(src, (str, os.PathLike)):
-            return src
-        if labeled:  # held-out data: with labels when the folder has classes, to report accuracy too
-            try:
-                return make_dataset(src, split, meta.input_size[-2:], meta.mean, meta.std, labeled=True)
-            except DataError:
-                pass
-        return make_dataset(src, split, meta.input_size[-2:], meta.mean, meta.std, labeled=False)
-
-    train = read(data, "train")
-    if val_data is not None:
-        val = read(val_data, "val" if isinstance(val_data, (str, os.PathLike)) and has_split(val_data, "val")
-                   else "train", True)
-    elif isinstance(data, (str, os.PathLike)) and has_split(data, "val"):
-        val = read(data, "val", True)
-    else:
-        n = len(train)
-        cut = max(1, n - max(1, n // 5))
-        train, val = torch.utils.data.Subset(train, range(cut)), torch.utils.data.Subset(train, range(cut, n))
-    if len(train) == 0 or len(val) == 0:
-        raise DataError("the search data holds no images (or too few to keep some for held-out scoring)",
-                        "give a folder with images (ROOT/*.jpg or ROOT/train + ROOT/val)")
-    return train, val
 
 
 # ---------------------------------------------------------------- the table
@@ -316,6 +283,7 @@ def search(model, data, output: str | os.PathLike, *, latency_budget: float | No
     in the module docstring under ``output``."""
     from repconv.checkpoint import load_checkpoint, save
     from repconv.io import write_text_atomic
+
     options = options or SearchOptions()
     say = progress or (lambda _m: None)
     started = time.perf_counter()

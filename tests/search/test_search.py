@@ -167,8 +167,8 @@ def test_a_refit_its_own_check_undid_is_not_raced(digits_checkpoint, monkeypatch
     model is the converted one and the global stage starts once."""
     import repconv.search.recover as recover
     from repconv.conversion import convert
+    from repconv.search.data import load_data
     from repconv.search.recover import prepare_starts
-    from repconv.search.run import load_data
 
     loaded = repconv.load_checkpoint(digits_checkpoint)
     teacher, (train, _) = loaded.model.eval(), load_data("digits", None, loaded.meta)
