@@ -5,8 +5,8 @@ Files written under ``output`` (a folder):
 
 * ``candidates.json``: the candidate table (the cache: a new budget on the same model, data, target and settings
   only re-solves); ``candidates.partial.json`` while the latency phase is still to run;
-* ``searched.repconv.safetensors``: the converted, locally distilled (unless ``options.local.epochs`` is 0: the
-  local stage is skipped and ``SearchResult.local_skipped`` says so) and recovered checkpoint with its plan
+* ``searched.repconv.safetensors``: the converted and recovered checkpoint (``search.recover``: the refit raced,
+  local distillation when ``options.local.epochs`` > 0, else ``SearchResult.local_skipped``, then global) with its plan
   (``meta.extra["search"]`` holds the selection); with its ``.state.pt`` / ``.metrics.jsonl`` while the global
   stage runs (``resume=True`` continues an interrupted search from the last finished phase / epoch);
 * ``search.json``: the :class:`SearchResult` (``pareto``: the rows of the points ``pareto.png`` plots);
@@ -279,7 +279,7 @@ def search(model, data, output: str | os.PathLike, *, latency_budget: float | No
            trust_pickle: bool = False) -> SearchResult:
     """Search a plan for ``model`` (an original checkpoint path, module or Loaded) under ``latency_budget`` (a
     fraction of the original's measured latency on ``options.target``) or ``max_drop`` (accuracy points), convert
-    it, recover it (local, then global distillation; 0 epochs skip either), verify it, and write the files listed
+    it, recover it (:mod:`repconv.search.recover`; 0 epochs skip a stage), verify it, and write the files listed
     in the module docstring under ``output``."""
     from repconv.checkpoint import load_checkpoint, save
     from repconv.io import write_text_atomic
