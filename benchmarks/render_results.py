@@ -186,10 +186,23 @@ def search_pareto(r: dict) -> str:
     return "\n\n".join([*parts, "\n".join(checks + refused)] if checks or refused else parts)
 
 
+def table_latency(r: dict) -> str:
+    """benchmarks/table_latency_stability.py: the table's latency figures built several times per timing rounds."""
+    rows = []
+    for rounds, st in r["settings"].items():
+        ratios = ", ".join(f"{b['fastest_ratio']:.3f}" for b in st["builds"])
+        rows.append([rounds, f"{ratios} (sd {st['fastest_ratio']['std']:.3f})",
+                     f"{st['mean_unit_saving_sd_ms']:.3f} ms", f"{st['seconds']['mean']:.1f} s"])
+    return "\n\n".join([machine_line(r), table(["rounds", "fastest plan, table's ratio", "mean spread of a unit's best "
+                                                  "saving", "latency phase"], rows),
+                         f"The first build's fastest plan, assembled: {r['fastest_measured_ratio']:.3f} of the "
+                         f"original's {r['base_ms']:.2f} ms."])
+
+
 RENDER = {"paper_replacement_scratch": scratch, "paper_replacement_pretrained": pretrained,
           "paper_parameter_free": parameter_free, "paper_deployment": deployment,
           "torch_memory_format": memory_format, "bn_stats_recovery": bn_stats, "blockwise_recovery": blockwise,
-          "search_pareto": search_pareto}
+          "search_pareto": search_pareto, "table_latency_stability": table_latency}
 
 
 def main() -> None:

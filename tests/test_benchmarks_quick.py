@@ -221,12 +221,22 @@ def test_search_pareto_quick(tmp_path):
     assert Path(r["plot"]).read_bytes().startswith(b"\x89PNG")
 
 
+def test_table_latency_stability_quick(tmp_path):
+    r = run_quick("table_latency_stability", tmp_path)
+    assert set(r["settings"]) == {"1", "2"} and r["base_ms"] > 0 and r["fastest_measured_ratio"] > 0
+    for setting in r["settings"].values():
+        assert len(setting["builds"]) == 2 and setting["mean_unit_saving_sd_ms"] >= 0
+        for build in setting["builds"]:
+            assert build["best_saving_ms"] and build["fastest_ratio"] <= 1 and build["seconds"] > 0
+
+
 def test_every_committed_result_renders():
     """docs/results.md's tables come from render_results.py: every committed JSON it knows must render."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "render_results.py")], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
-    for name in ("blockwise_recovery_mobilenet_v2.json", "search_pareto_resnet50.json", "bn_stats_recovery.json"):
+    for name in ("blockwise_recovery_mobilenet_v2.json", "search_pareto_resnet50.json", "bn_stats_recovery.json",
+                 "table_latency_stability.json"):
         assert f"<!-- {name} -->" in done.stdout
     assert "| searched, budget 0.9 |" in done.stdout

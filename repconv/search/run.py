@@ -53,7 +53,7 @@ class SearchOptions:
     device: Device = "cpu"  # where the table's candidates, the refit and the local stage train, and torch targets run
     threads: int = 2
     latency_batch: int = 1
-    latency_rounds: int = 5
+    latency_rounds: int = 20  # per-unit timings: 20 rounds halve 5 rounds' spread for +4 s (results.md 2.7h)
     latency_block: int = 10
     latency_warmup: int = 2
     kinds: tuple[str, ...] = KINDS
