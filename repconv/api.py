@@ -32,7 +32,7 @@ from repconv.runtime.session import open_session
 from repconv.runtime.validate import ValidateResult, validate
 from repconv.search.run import SearchOptions, SearchResult, search
 from repconv.search.table import CandidateTable, load_table
-from repconv.train.local import LocalOptions
+from repconv.train.local import LocalOptions, LocalResult, local_distill
 from repconv.train.loop import TrainConfig
 from repconv.train.recover import (
     CalibrateOptions,
@@ -47,10 +47,12 @@ from repconv.train.recover import (
 __all__ = [
     "BenchOptions", "BenchReport", "CalibrateOptions", "CalibrationResult", "CandidateTable", "CheckpointMeta",
     "Conversion", "ConversionSummary", "ConvertOptions", "DemoResult", "EngineBuild", "EngineOptions", "EnginePlan",
-    "ExportOptions", "ExportResult", "FinetuneResult", "FoldResult", "Loaded", "LocalOptions", "PredictResult",
+    "ExportOptions", "ExportResult", "FinetuneResult", "FoldResult", "Loaded", "LocalOptions", "LocalResult",
+    "PredictResult",
     "ReportResult", "SearchOptions", "SearchResult", "Session", "TrainConfig", "TrainResult", "ValidateResult",
     "bench", "build_engine", "calibrate", "check_round_trip", "convert", "demo", "engine_plan", "export", "finetune",
-    "fold", "inspect", "list_models", "load", "load_checkpoint", "load_table", "measured_units", "open_session",
+    "fold", "inspect", "list_models", "load", "load_checkpoint", "load_table", "local_distill", "measured_units",
+    "open_session",
     "parameter_free_report", "predict", "record_run", "register_model", "report", "resolve_arch", "save", "search",
     "summarize", "train", "validate",
 ]

@@ -95,6 +95,10 @@ def finetune(model: ModelArg, data: DataOpt, output: OutOpt, teacher: TeacherOpt
              alpha: Annotated[float, typer.Option("--alpha", help="label-loss weight in 'both'")] = 0.5,
              amp: AmpOpt = "auto", seed: SeedOpt = 0, workers: WorkersOpt = 0, batches_per_epoch: BatchesOpt = None,
              bn_stats: BnStatsOpt = "auto", keep: KeepOpt = "best", holdout: HoldoutOpt = 0.15,
+             local_epochs: Annotated[int, typer.Option("--local-epochs", help="block-wise (local) distillation "
+                                                       "from --teacher before fine-tuning: each converted unit "
+                                                       "learns the original unit's output; 0 (the default) skips "
+                                                       "it")] = 0,
              input_size: SizeOpt = None, mean: MeanOpt = None, std: StdOpt = None, resume: ResumeOpt = False,
              trust_pickle: TrustOpt = False, as_json: JsonOpt = False) -> None:
     """Recover a converted model with labels, distillation from the original, or both (torchrun-ready)."""
@@ -103,7 +107,8 @@ def finetune(model: ModelArg, data: DataOpt, output: OutOpt, teacher: TeacherOpt
     r = api.finetune(model, data=data, output=output, teacher=teacher, teacher_arch=teacher_arch,
                      val_data=val_data, input_size=input_size,
                      mean=mean, std=std, resume=resume, progress=not as_json, trust_pickle=trust_pickle,
-                     config=_config(locals()))
+                     config=_config(locals()),
+                     local=api.LocalOptions(epochs=local_epochs, batch_size=batch_size, seed=seed))
     if r.rank != 0:
         return
     for note in r.notes:
@@ -114,6 +119,9 @@ def finetune(model: ModelArg, data: DataOpt, output: OutOpt, teacher: TeacherOpt
         render.emit_json(r.to_dict())
         return
     render.written(r)
+    if r.local:
+        render.note(f"local distillation of {len(r.local['units'])} units, {r.local['epochs']} epoch(s): mean "
+                    f"relative unit error {r.local['mean_error_before']:.3f} -> {r.local['mean_error_after']:.3f}")
     render.history(r.history, f"finetune --objective {r.objective} --train {r.train}: "
                    f"{human(r.trainable_params)} of {human(r.total_params)} parameters trained -> {r.output}")
     if r.resumed_from_epoch is not None:

@@ -24,11 +24,20 @@ from repconv.convert.measure import least_harmful, measure_damage
 from repconv.convert.plan import Plan
 from repconv.convert.replacement import replaced_units
 from repconv.data import calibration_batches
-from repconv.errors import ArchError, DataError, InputFileError, NothingToReplace, OptionError, OutputError
+from repconv.errors import (
+    ArchError,
+    DataError,
+    InputFileError,
+    NothingToReplace,
+    OptionError,
+    OutputError,
+    PlanError,
+)
 from repconv.models import resolve_arch
 from repconv.options import BnStats, CalibrateSelect, check_choices, with_overrides
 from repconv.train.calibrate import Calibration, calibrate_units, refit_layers
 from repconv.train.data import check_classes, data_spec, datasets, num_outputs
+from repconv.train.local import LocalOptions, local_distill
 from repconv.train.loop import (
     TrainConfig,
     dist_env,
@@ -287,6 +296,7 @@ class FinetuneResult(FitOutcome):
     total_params: int
     amp: str
     device: str
+    local: dict | None = None  # train.local.LocalResult of the block-wise stage (None: not run)
 
 
 @dataclass(kw_only=True)
@@ -336,20 +346,28 @@ def finetune(model: ModelLike, *, data: str | os.PathLike, output: str | os.Path
              teacher: ModelLike | None = None, teacher_arch: str | None = None,
              val_data: str | os.PathLike | None = None,
              input_size=None, mean=None, std=None, resume: bool = False, progress: bool = False,
-             trust_pickle: bool = False, config: TrainConfig | None = None, **overrides) -> FinetuneResult:
+             trust_pickle: bool = False, config: TrainConfig | None = None, local: LocalOptions | None = None,
+             **overrides) -> FinetuneResult:
     """Recover a converted (or any) model: labels (ce), distillation from ``teacher`` (distill) or both.
 
     ``config`` (default :data:`FINETUNE_DEFAULTS`) or keyword overrides of its fields (``objective``,
-    ``train``, ``epochs``, ``lr``, ...; see :class:`~repconv.train.loop.TrainConfig`). Writes ``output`` after
-    every epoch, plus ``OUTPUT.state.pt`` (resume) and ``OUTPUT.metrics.jsonl``. Under ``torchrun`` every
-    process calls this; only rank 0 writes.
+    ``train``, ``epochs``, ``lr``, ...; see :class:`~repconv.train.loop.TrainConfig`). ``local`` with
+    ``epochs`` > 0 runs block-wise distillation from ``teacher`` first (:func:`repconv.train.local.local_distill`:
+    each converted unit learns the original unit's output; measured to lose to the same epochs of logits
+    distillation, docs/results.md 2.7f, so it is off by default). Writes ``output`` after every epoch, plus
+    ``OUTPUT.state.pt`` (resume: a run resumed past the local stage does not repeat it) and
+    ``OUTPUT.metrics.jsonl``. Under ``torchrun`` every process calls this; only rank 0 writes.
     """
     cfg = _config(FINETUNE_DEFAULTS, config, overrides)
+    local = local or LocalOptions(epochs=0)
+    if local.epochs:  # 0: no local stage
+        local.check()
     loaded = load_checkpoint(model, trust_pickle=trust_pickle)
     cfg = dataclasses.replace(_resolve_bn_stats(cfg, loaded.meta),
                               trainable=resolve_trainable(cfg.trainable, loaded.model))  # reported as resolved
-    t = _load_teacher(teacher, f"the {cfg.objective} objective", trust_pickle, teacher_arch,
-                      loaded.meta) if cfg.objective != "ce" else None
+    needs = f"the {cfg.objective} objective" if cfg.objective != "ce" else "local distillation" if local.epochs \
+        else None
+    t = _load_teacher(teacher, needs, trust_pickle, teacher_arch, loaded.meta) if needs else None
     spec = data_spec(loaded.meta, input_size, mean, std)
     labeled = cfg.objective != "distill" or str(data) == "digits"
     train_set, val_set = datasets(data, val_data, spec, labeled=labeled)
@@ -362,10 +380,18 @@ def finetune(model: ModelLike, *, data: str | os.PathLike, output: str | os.Path
     if t is not None and num_outputs(t.model, spec[0]) != num_outputs(student, spec[0]):
         raise ArchError("the teacher's classifier and the model's have different output counts",
                         "give the original checkpoint the model was converted from")
+    local_res = None
+    if local.epochs and not (resume and state_path_for(output).exists()):  # resumed past it: the state holds it
+        if not loaded.meta.plan or not (loaded.meta.plan.parameter_free_steps or loaded.meta.plan.replace_steps):
+            raise PlanError("local distillation trains the converted units, and this model has none",
+                            "convert it first, or leave the local epochs at 0")
+        local_res = local_distill(student, t.model, train_set, plan=loaded.meta.plan,
+                                  options=local, progress=progress).to_dict()
     res = _fit(student, copy.deepcopy(loaded.meta), cfg, train_set=train_set, val_set=val_set,
-               teacher=t.model if t else None, output=output, resume=resume, progress=progress)
+               teacher=t.model if cfg.objective != "ce" else None, output=output, resume=resume, progress=progress)
     return FinetuneResult(objective=cfg.objective, train=cfg.trainable, total_params=count_params(student),
-                          amp=res.amp, device=res.device, **FitOutcome.fields_of(res, output), notes=notes)
+                          amp=res.amp, device=res.device, **FitOutcome.fields_of(res, output), notes=notes,
+                          local=local_res)
 
 
 def train(arch: str, *, data: str | os.PathLike, output: str | os.PathLike, replace: bool = True,

@@ -85,3 +85,29 @@ def test_bad_input(teacher, images):
         local_distill(student, teacher, [], options=LocalOptions())
     with pytest.raises(PlanError, match="no plan"):
         local_distill(nn.Linear(2, 2), teacher, images)
+
+
+def test_finetune_runs_the_local_stage_first(digits_checkpoint, tmp_path, run_cli):
+    """``finetune --local-epochs N``: block-wise distillation from the teacher, then the fine-tuning; it needs a
+    teacher and converted units, and says so in one line."""
+    from repconv.errors import OptionError
+
+    conv = tmp_path / "pf.repconv.safetensors"
+    repconv.convert(digits_checkpoint, method="parameter-free", pf_policy="hybrid", output=conv)
+    quick = {"data": "digits", "epochs": 1, "batches_per_epoch": 2, "batch_size": 32}
+    r = repconv.finetune(conv, teacher=digits_checkpoint, objective="distill",
+                         output=tmp_path / "ft.repconv.safetensors",
+                         local=LocalOptions(epochs=1, steps_per_epoch=2, batch_size=32), **quick)
+    assert r.local["units"] and r.local["mean_error_after"] < r.local["mean_error_before"] and len(r.history) == 1
+    plain = repconv.finetune(conv, teacher=digits_checkpoint, objective="distill",
+                             output=tmp_path / "plain.repconv.safetensors", **quick)
+    assert plain.local is None
+    with pytest.raises(OptionError, match="local distillation compares with the original"):
+        repconv.finetune(conv, output=tmp_path / "x.repconv.safetensors", local=LocalOptions(epochs=1), **quick)
+    with pytest.raises(PlanError, match="has none"):
+        repconv.finetune(digits_checkpoint, teacher=digits_checkpoint, output=tmp_path / "y.repconv.safetensors",
+                         local=LocalOptions(epochs=1), **quick)
+    code, out, err = run_cli("finetune", conv, "--teacher", digits_checkpoint, "--data", "digits", "--objective",
+                           "distill", "--epochs", "1", "--batches-per-epoch", "1", "--local-epochs", "1",
+                           "-o", tmp_path / "cli.repconv.safetensors")
+    assert code == 0 and "local distillation of" in out + err
