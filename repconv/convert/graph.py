@@ -212,6 +212,13 @@ def count_params(model: nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
+def device_of(model: nn.Module) -> torch.device:
+    """Where ``model``'s parameters live (CPU for a model without parameters): batches read from a dataset on the
+    CPU are moved there before a forward."""
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
 def count_flops(model: nn.Module, example: torch.Tensor) -> int:
     """FLOPs of one forward (torch.utils.flop_counter; a multiply-add counts 2)."""
     from torch.utils.flop_counter import FlopCounterMode

@@ -8,8 +8,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from repconv.convert.graph import device_of
 from repconv.errors import DataError
-from repconv.train.local import device_of
 
 
 def load_data(data, val_data, meta, *, labeled: bool = False):

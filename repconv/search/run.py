@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from repconv.convert.graph import device_of
 from repconv.errors import DataError, OptionError, OutputError
 from repconv.formatting import pct
 from repconv.options import Device, Objective, Refit, check_choices
@@ -38,7 +39,7 @@ from repconv.search.pareto import Point, pareto_table, plot
 from repconv.search.recover import global_stage, prepare_starts
 from repconv.search.select import Selection, check_budget, fastest, select
 from repconv.search.table import CandidateTable, Figures, data_digest, load_table, model_digest, now_utc, table_key
-from repconv.train.local import LocalOptions, LocalResult, device_of
+from repconv.train.local import LocalOptions, LocalResult
 from repconv.train.loop import state_path_for
 
 TABLE_FILE, PARTIAL_FILE = "candidates.json", "candidates.partial.json"
@@ -361,11 +362,11 @@ def search(model, data, output: str | os.PathLike, *, latency_budget: float | No
             if refit_res:
                 meta.extra["search"]["refit"] = {k: refit_res[k] for k in ("mean_error_before", "mean_error_after",
                                                                            "mode")}
-            if local_res is not None:
-                agree_local = agreement(next(iter(starts.values())), work, eval_batches)
-                meta.extra["search"] |= {"phase": "local", "agreement_after_local": agree_local}
-                save(ckpt, next(iter(starts.values())), meta)
-        student = next(iter(starts.values()))
+        student = next(iter(starts.values()))  # the first start (a local stage leaves exactly one)
+        if local_res is not None:
+            agree_local = agreement(student, work, eval_batches)
+            meta.extra["search"] |= {"phase": "local", "agreement_after_local": agree_local}
+            save(ckpt, student, meta)
         if options.global_epochs > 0:
 
             def save_model(m: nn.Module, metrics: dict) -> None:

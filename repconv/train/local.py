@@ -45,7 +45,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from repconv.convert.graph import trace
+from repconv.convert.graph import device_of, trace
 from repconv.convert.plan import ParameterFreeStep, Plan, ReplaceStep
 from repconv.convert.replacement import SCALARS_NAME, synthesize
 from repconv.errors import DataError, NothingToReplace, PlanError
@@ -265,13 +265,6 @@ def image_batches(data: Dataset | Sequence[torch.Tensor] | torch.Tensor, batch_s
     loader = DataLoader(data, batch_size=batch_size, shuffle=shuffle, generator=torch.Generator().manual_seed(seed))
     for item in loader:
         yield item[0] if isinstance(item, (list, tuple)) else item
-
-
-def device_of(model: nn.Module) -> torch.device:
-    """Where ``model``'s parameters live (CPU for a model without parameters): batches read from a dataset on the
-    CPU are moved there before a forward."""
-    p = next(model.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
 
 
 def _count(data) -> int:

@@ -26,13 +26,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from repconv.convert.graph import device_of
 from repconv.convert.measure import kl_to_teacher
 from repconv.convert.replacement import replaced_units
 from repconv.errors import InputFileError, OptionError
 from repconv.io import atomic_path
 from repconv.options import Amp, BnStatsChoice, Keep, Objective, Optimizer, Trainable, check_choices
 from repconv.progress import progress
-from repconv.train.local import device_of
 from repconv.train.recovery import (
     HOLDOUT_FRACTION,
     HOLDOUT_MAX,

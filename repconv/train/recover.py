@@ -360,14 +360,17 @@ def finetune(model: ModelLike, *, data: str | os.PathLike, output: str | os.Path
     """
     cfg = _config(FINETUNE_DEFAULTS, config, overrides)
     local = local or LocalOptions(epochs=0)
-    if local.epochs:  # 0: no local stage
-        local.check()
     loaded = load_checkpoint(model, trust_pickle=trust_pickle)
+    if local.epochs:  # 0: no local stage; checked before any data is read
+        local.check()
+        if not (loaded.meta.plan and loaded.meta.plan.steps):
+            raise PlanError("local distillation trains the converted units, and this model has none",
+                            "convert it first, or leave the local epochs at 0")
     cfg = dataclasses.replace(_resolve_bn_stats(cfg, loaded.meta),
                               trainable=resolve_trainable(cfg.trainable, loaded.model))  # reported as resolved
-    needs = f"the {cfg.objective} objective" if cfg.objective != "ce" else "local distillation" if local.epochs \
-        else None
-    t = _load_teacher(teacher, needs, trust_pickle, teacher_arch, loaded.meta) if needs else None
+    needs = f"the {cfg.objective} objective" if cfg.objective != "ce" else "local distillation"
+    t = _load_teacher(teacher, needs, trust_pickle, teacher_arch, loaded.meta) \
+        if cfg.objective != "ce" or local.epochs else None
     spec = data_spec(loaded.meta, input_size, mean, std)
     labeled = cfg.objective != "distill" or str(data) == "digits"
     train_set, val_set = datasets(data, val_data, spec, labeled=labeled)
@@ -382,9 +385,6 @@ def finetune(model: ModelLike, *, data: str | os.PathLike, output: str | os.Path
                         "give the original checkpoint the model was converted from")
     local_res = None
     if local.epochs and not (resume and state_path_for(output).exists()):  # resumed past it: the state holds it
-        if not loaded.meta.plan or not (loaded.meta.plan.parameter_free_steps or loaded.meta.plan.replace_steps):
-            raise PlanError("local distillation trains the converted units, and this model has none",
-                            "convert it first, or leave the local epochs at 0")
         local_res = local_distill(student, t.model, train_set, plan=loaded.meta.plan,
                                   options=local, progress=progress).to_dict()
     res = _fit(student, copy.deepcopy(loaded.meta), cfg, train_set=train_set, val_set=val_set,
