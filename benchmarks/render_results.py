@@ -162,9 +162,10 @@ def search_pareto(r: dict) -> str:
     """benchmarks/search_pareto.py: searched plans at each budget and the uniform policies, timed together."""
     base = r["original"]["latency_ms"]
 
-    def start(row: dict) -> str:  # where the global stage went on from, when the refit raced no refit
+    def start(row: dict) -> str:  # where the global stage went on from, when starts (refit, plans) raced
         raced = row.get("start") or {}
-        return raced.get("chosen", "-")
+        others = [k for k in raced.get("scores") or {} if k != raced.get("chosen")]
+        return raced.get("chosen", "-") + (f" (over {', '.join(others)})" if others else "")
 
     rows = [["original", "-", f"- / {base:.2f} ms", "1.00x", pct(r["original"]["val_acc"]), "-", "-", "-"]]
     for s in r["searched"].values():

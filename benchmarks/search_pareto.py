@@ -55,6 +55,7 @@ def main() -> None:
     ap.add_argument("--local-epochs", type=int, default=0)
     ap.add_argument("--global-epochs", type=int, default=10)
     ap.add_argument("--refit", default="auto", choices=["auto", "on", "off"])
+    ap.add_argument("--race-plans", type=int, default=3, help="plans a searched plan races (1: the table's alone)")
     ap.add_argument("--global-lr", type=float, default=3e-3)
     ap.add_argument("--damage-steps", type=int, default=40)
     ap.add_argument("--batch-size", type=int, default=64)
@@ -95,6 +96,7 @@ def main() -> None:
                              damage=DamageOptions(steps=args.damage_steps, batch_size=args.batch_size),
                              local=LocalOptions(epochs=args.local_epochs, batch_size=args.batch_size),
                              global_epochs=args.global_epochs, global_lr=args.global_lr, refit=args.refit,
+                             race_plans=args.race_plans,
                              batches_per_epoch=args.batches_per_epoch,
                              **search_quick)
         cache = tmp / "candidates.json"
@@ -120,7 +122,7 @@ def main() -> None:
                                         "table_ratio": res.selection.predicted_ratio,
                                         "latency_probes": res.latency_probes,
                                         "agreement": res.agreement, "table_reused": res.table_reused,
-                                        "start": res.start,
+                                        "start": res.start, "kept": res.kept, "contenders": res.contenders,
                                         "seconds": res.seconds, "loadavg_1m": round(os.getloadavg()[0], 2)}
             save_partial(result, args.out)
         for name, kw in UNIFORM.items():

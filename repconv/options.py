@@ -34,6 +34,7 @@ ExportFormat = Literal["onnx", "engine"]
 Backend = Literal["torch", "ort", "trt"]
 Device = Literal["cpu", "cuda"]
 Refit = Literal["auto", "on", "off"]  # the least-squares refit before recovery; auto: raced against no refit
+Rival = Literal["pf-all", "pf-hybrid", "replace-every-2"]  # uniform policies a searched plan races (search/rivals)
 
 T = TypeVar("T")
 
@@ -50,6 +51,11 @@ def check_choices(options: Any) -> None:
     hints = typing.get_type_hints(type(options))
     for f in dataclasses.fields(options):
         hint, value = hints.get(f.name), getattr(options, f.name)
+        if typing.get_origin(hint) in (tuple, list) and isinstance(value, (tuple, list)):  # several choices
+            for choices in _literals(hint):
+                for v in value:
+                    check_choice(f.name, v, choices)
+            continue
         for choices in _literals(hint):
             if value is None and type(None) in typing.get_args(hint):
                 break

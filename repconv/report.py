@@ -446,8 +446,12 @@ def _search_section(search: SearchRecord) -> str:
     stage = "skipped (0 local epochs)" if r.get("local_skipped") else "run" if r.get("local") else "not run"
     units = ", ".join(f"{_e(u)}: {_e(c)}" for u, c in choice.items()) or "none"
     start = r.get("start") or {}
-    raced = (f"; the global stage went on from the {_e(start.get('chosen'))} model (refit raced against none)"
+    others = ", ".join(_e(k) for k in start.get("scores") or {} if k != start.get("chosen"))
+    raced = (f"; the global stage went on from the {_e(start.get('chosen'))} start (raced against {others})"
              if start.get("chosen") else "")
+    if r.get("contenders"):
+        raced += (f"; {len(r['contenders'])} plans raced ("
+                  + ", ".join(_e(c.get("name")) for c in r["contenders"]) + f"), {_e(r.get('kept'))} kept")
     facts = (f"<p>{len(choice)} units converted ({units}); local distillation {stage}{raced}; candidate table "
              f"{'reused' if r.get('table_reused') else 'built'}.</p>")
     rows = [[_e(p.get("name")), _e(p.get("kind")), _num(p.get("latency_ms"), ".3f"), pct(_number(p.get("accuracy"))),

@@ -202,6 +202,8 @@ def test_search_pareto_quick(tmp_path):
         chosen = [p for p in probes if p["choice"] == row["choice"]]  # the plan kept was one of those timed
         assert probes[0]["predicted_ratio"] == probes[0]["table_ratio"] and chosen
         assert row["predicted_ratio"] == pytest.approx(chosen[-1]["predicted_ratio"])
+        raced = {c["name"]: c["choice"] for c in row["contenders"]}  # the plan kept won the race, or none was run
+        assert raced[row["kept"]] == row["choice"] if raced else row["kept"] == "searched"
         assert row["choice"] and all(u.startswith("layer3.") for u in row["choice"])  # --quick: layer3's units
         assert 0 < row["table_ratio"] <= 1 + 1e-6 and row["predicted_ratio"] > 0
         assert 0.0 <= row["val_acc"] <= 1.0 and 0.0 <= row["agreement"] <= 1.0

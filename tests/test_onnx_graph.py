@@ -27,6 +27,21 @@ def test_named_providers(small_onnx):
     assert np.abs(run_onnx(session, x) - run_onnx(ort_session(small_onnx), x)).max() <= 1e-5
 
 
+def test_spinning_within_runs_only(small_onnx):
+    """Sessions timed in turn spin within each run and stop when it returns; the default spins not at all; bench's
+    sessions keep ONNX Runtime's defaults (neither entry set)."""
+    def entry(session, key: str) -> str | None:
+        try:
+            return session.get_session_options().get_session_config_entry(key)
+        except RuntimeError:  # "SessionOptions does not have configuration with key: ..."
+            return None
+
+    keys = ("session.intra_op.allow_spinning", "session.force_spinning_stop")
+    assert [entry(ort_session(small_onnx), k) for k in keys] == ["0", None]
+    assert [entry(ort_session(small_onnx, spinning=True, spin_when_idle=False), k) for k in keys] == [None, "1"]
+    assert [entry(ort_session(small_onnx, spinning=True), k) for k in keys] == [None, None]
+
+
 def test_named_providers_are_checked(small_onnx):
     with pytest.raises(DependencyError, match=r"no NoSuchExecutionProvider .*available: .*CPUExecutionProvider"):
         ort_session(small_onnx, providers=["NoSuchExecutionProvider"])

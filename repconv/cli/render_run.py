@@ -97,9 +97,18 @@ def searched(r) -> None:
             probes.add_row(str(i), str(len(p["choice"])), f"{p['table_ratio']:.3f}", f"{p['predicted_ratio']:.3f}",
                            f"{p['measured_ratio']:.3f}")
         out.print(probes)
+    if r.contenders:
+        raced = table(f"Plans raced (the table's plan, uniform policies and timed plans within the budget): "
+                      f"{r.kept} kept", ["plan", "units", "predicted drop", "measured latency"],
+                      right=("units", "predicted drop", "measured latency"))
+        for c in r.contenders:
+            ratio = c.get("measured_ratio")
+            raced.add_row(c["name"], str(len(c["choice"])), f"{c['predicted_drop']:.1f}",
+                          "-" if ratio is None else f"{ratio:.3f}")
+        out.print(raced)
     if r.start:
         scores = ", ".join(f"{name} {pct(v)}" for name, v in r.start["scores"].items())
-        note(f"refit raced against none: the global stage went on from the {r.start['chosen']} model "
+        note(f"starts raced: the global stage went on from the {r.start['chosen']} model "
              f"({r.start['metric']} after {r.start['epochs']} epoch(s): {scores})")
     if r.local_skipped:
         note("local (block-wise) distillation skipped: 0 local epochs")

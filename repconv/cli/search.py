@@ -41,6 +41,13 @@ def search(model: ModelArg,
                                                 "pool (as calibrate does): on | off | auto (the refitted and the "
                                                 "converted model race through the first global epoch; the better "
                                                 "goes on)")] = "auto",
+           race_plans: Annotated[int, typer.Option("--race-plans", help="with --latency-budget: the most plans "
+                                                   "that race through the first global epoch (the table's plan, the "
+                                                   "--rival policies that meet the budget when timed, other timed "
+                                                   "plans that met it); 1: the table's plan alone")] = 3,
+           rivals: Annotated[str | None, typer.Option("--rivals", help="uniform policies the table's plan races "
+                                                      "where they meet the budget, comma-separated (default: "
+                                                      "pf-hybrid,pf-all,replace-every-2)")] = None,
            local_epochs: Annotated[int, typer.Option("--local-epochs", help="block-wise (local) distillation "
                                                      "epochs of the assembled model before the global stage; 0 (the "
                                                      "default) skips it")] = 0,
@@ -56,7 +63,12 @@ def search(model: ModelArg,
     from repconv import api
     from repconv.options import from_values
 
-    options = from_values(api.SearchOptions, {**locals(), "local": api.LocalOptions(epochs=local_epochs)})
+    values = {**locals(), "local": api.LocalOptions(epochs=local_epochs)}
+    if rivals is None:
+        values.pop("rivals")
+    else:
+        values["rivals"] = tuple(r.strip() for r in rivals.split(",") if r.strip())
+    options = from_values(api.SearchOptions, values)
     with render.status("searching") as status:
         result = api.search(model, data, output, latency_budget=latency_budget, max_drop=max_drop, options=options,
                             val_data=val_data, cache=cache, refresh=refresh, resume=resume, progress=status.update,

@@ -7,7 +7,9 @@ original's latency ran at 0.96, the 15-unit fastest plan, put at 0.51, ran at 0.
 the lower the budget the table is solved for, the faster the assembled plan runs. So the budget is met by
 bracketing the table's budget ``t`` between plans that were timed:
 
-1. solve for ``t = budget`` and time the assembled plan against the original, interleaved;
+1. solve for ``t = budget`` and time the assembled plan against the original, interleaved (a budget the table
+   cannot meet starts from its fastest plan, timed: the table only ranks, and its savings can be smaller than
+   the assembled model's as well as larger);
 2. after a miss, time the table's fastest plan once (predicted: its table ratio scaled by how far off the table
    was for the first plan, measured over table ratio): if even it misses, no plan meets the budget; otherwise it
    and the missed plan bracket the answer;
@@ -94,7 +96,8 @@ def select_measured(table: CandidateTable, latency_budget: float, measure: Calla
     """The plan with the least predicted drop whose assembled model, timed by ``measure(choice) -> ratio of the
     original's latency``, met ``latency_budget`` within ``tolerance`` (a fraction of it); at most ``checks`` plans
     are timed after the first (``checks=0``: the table's plan, timed once and kept whatever it measured). Raises
-    PlanError when the table cannot meet the budget, or when its fastest plan, timed, misses it."""
+    PlanError when the table's fastest plan, timed, misses the budget (with ``checks=0``: when the table alone
+    cannot meet it)."""
     check_latency_options(checks, tolerance)
     say = progress or (lambda _m: None)
     limit, close = latency_budget * (1 + tolerance), latency_budget * (1 - tolerance)
@@ -110,22 +113,38 @@ def select_measured(table: CandidateTable, latency_budget: float, measure: Calla
             met.append((sel, probes[-1]))
         return probes[-1]
 
-    sel = select(table, latency_budget=latency_budget)  # the table alone cannot meet it: PlanError names the fastest
-    first = timed(sel, latency_budget, sel.predicted_ratio)
-    if checks == 0 or close <= first.measured_ratio <= limit:
-        return MeasuredSelection(sel, probes)
-    if first.measured_ratio <= limit:  # met with room to spare: bracket towards the original
-        lo, hi = first, Probe({}, 1.0, 1.0, 1.0, 1.0)
+    quickest = fastest(table)
+
+    def refuse(anchor: Probe) -> PlanError:
+        return PlanError(f"no plan meets {{option}} {latency_budget} when measured: the fastest plan the candidate "
+                         f"table allows ({len(quickest.choice)} units converted, predicted drop "
+                         f"{quickest.predicted_drop:.1f} points) ran at {anchor.measured_ratio:.3f} of the "
+                         f"original's latency", f"give {{option}} {anchor.measured_ratio:.2f} or more, or a maximum "
+                         "drop instead", option="latency_budget")
+
+    original = Probe({}, 1.0, 1.0, 1.0, 1.0)
+    try:
+        sel = select(table, latency_budget=latency_budget)
+    except PlanError:  # the table cannot meet it; it only ranks, so its fastest plan is timed before refusing
+        if checks == 0:
+            raise
+        first = timed(quickest, quickest.predicted_ratio, quickest.predicted_ratio)
+        if first.measured_ratio > limit:
+            raise refuse(first) from None
+        if first.measured_ratio >= close:
+            return MeasuredSelection(replace(quickest, latency_budget=latency_budget), probes)
+        lo, hi = first, original
     else:
-        quickest = fastest(table)
-        anchor = timed(quickest, quickest.predicted_ratio, rescaled(quickest, first))
-        if anchor.measured_ratio > limit:
-            raise PlanError(f"no plan meets {{option}} {latency_budget} when measured: the fastest plan the candidate "
-                            f"table allows ({len(quickest.choice)} units converted, predicted drop "
-                            f"{quickest.predicted_drop:.1f} points) ran at {anchor.measured_ratio:.3f} of the "
-                            f"original's latency", f"give {{option}} {anchor.measured_ratio:.2f} or more, or a maximum "
-                            "drop instead", option="latency_budget")
-        lo, hi = anchor, first
+        first = timed(sel, latency_budget, sel.predicted_ratio)
+        if checks == 0 or close <= first.measured_ratio <= limit:
+            return MeasuredSelection(sel, probes)
+        if first.measured_ratio <= limit:  # met with room to spare: bracket towards the original
+            lo, hi = first, original
+        else:
+            anchor = timed(quickest, quickest.predicted_ratio, rescaled(quickest, first))
+            if anchor.measured_ratio > limit:
+                raise refuse(anchor)
+            lo, hi = anchor, first
     for _ in range(checks - len(probes) + 1):
         if hi.measured_ratio == lo.measured_ratio:
             break

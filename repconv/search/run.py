@@ -1,5 +1,7 @@
 """``repconv search``: build (or reuse) the candidate table, solve for a budget, convert, locally distill, recover
-globally, then verify the result's measured latency and accuracy against the prediction.
+globally, then verify the result's measured latency and accuracy against the prediction. Under a latency budget
+the table's plan races the uniform policies and the other timed plans that meet the budget through the first
+global epoch(s), and the best goes on (:mod:`repconv.search.rivals`).
 
 Files written under ``output`` (a folder):
 
@@ -29,7 +31,7 @@ from torch import nn
 from repconv.convert.graph import device_of
 from repconv.errors import DataError, OptionError, OutputError
 from repconv.formatting import pct
-from repconv.options import Device, Objective, Refit, check_choices
+from repconv.options import Device, Objective, Refit, Rival, check_choices
 from repconv.search.candidates import KINDS, assemble_plan, enumerate_candidates
 from repconv.search.damage import DamageOptions, build_views, measure_damage
 from repconv.search.data import batches_on, image_list, load_data
@@ -37,6 +39,7 @@ from repconv.search.latency import check_target, measure_models, measure_unit_de
 from repconv.search.measured import MeasuredSelection, Probe, check_latency_options, select_measured
 from repconv.search.pareto import Point, pareto_table, plot
 from repconv.search.recover import global_stage, prepare_starts
+from repconv.search.rivals import SEARCHED, Contender, contenders
 from repconv.search.select import Selection, check_budget, fastest, select
 from repconv.search.table import CandidateTable, Figures, data_digest, load_table, model_digest, now_utc, table_key
 from repconv.train.local import LocalOptions, LocalResult
@@ -66,6 +69,11 @@ class SearchOptions:
     # first race_epochs of the global stage (search/recover.py)
     refit: Refit = "auto"
     race_epochs: int = 1
+    # under a latency budget, the table's plan races these uniform policies where they meet the budget when timed,
+    # then the other timed plans that met it, through the first race_epochs (search/rivals.py); race_plans caps
+    # the plans raced (1: the table's plan alone). Needs the global stage and no local stage.
+    rivals: tuple[Rival, ...] = ("pf-hybrid", "pf-all", "replace-every-2")
+    race_plans: int = 3
     refit_images: int = 256  # images (batches of 64) the refit reads
     # the assembled model's local stage (epochs 0, the default: skip it; it lost to global epochs, results 2.7f)
     local: LocalOptions = field(default_factory=lambda: LocalOptions(epochs=0))
@@ -83,6 +91,10 @@ class SearchOptions:
         for name, value in (("local_epochs", self.local.epochs), ("global_epochs", self.global_epochs)):
             if value < 0:
                 raise OptionError(name, value, "must not be negative", "give 0 to skip the stage, or more epochs")
+        self.rivals = tuple(self.rivals)
+        if self.race_plans < 1:
+            raise OptionError("race_plans", self.race_plans, "must be at least 1",
+                              "give 1 to keep the table's plan, or the most plans to race, e.g. 3")
         if self.race_epochs < 1:
             raise OptionError("race_epochs", self.race_epochs, "must be at least 1",
                               "give the global epochs each start trains before one is chosen, e.g. 1")
@@ -92,6 +104,10 @@ class SearchOptions:
         if self.refit_images < 4:
             raise OptionError("refit_images", self.refit_images, "is too few for the refit (every 4th is held out)",
                               "give 4 or more, or turn the refit off")
+
+    def races_plans(self, latency_budget: float | None) -> bool:
+        """Whether plans race (``search.rivals``): a latency budget, a global stage to race in, no local stage."""
+        return latency_budget is not None and self.race_plans > 1 and self.skip_local and self.global_epochs > 0
 
     @property
     def skip_local(self) -> bool:
@@ -134,6 +150,8 @@ class SearchResult:
     refit: dict | None = None  # the assembled model's least-squares refit (None: off, or no pool to refit)
     start: dict | None = None  # train.race.RaceResult: where the global stage started (refit auto), None: no race
     latency_probes: list[dict] = field(default_factory=list)  # measured.Probe of each assembled plan timed to select
+    kept: str = SEARCHED  # the plan kept: the table's ("searched"), another that met the budget, or a uniform policy
+    contenders: list[dict] = field(default_factory=list)  # rivals.Contender of each plan raced (empty: no race)
 
     @property
     def latency_ratio(self) -> float:
@@ -320,13 +338,25 @@ def search(model, data, output: str | os.PathLike, *, latency_budget: float | No
     prior = load_checkpoint(ckpt) if resume and ckpt.exists() else None  # an interrupted search's checkpoint
     info = prior.meta.extra.get("search", {}) if prior is not None else {}
     chosen = _resumed_selection(info, table, latency_budget, max_drop) if prior is not None else None
+    resumed = chosen is not None  # then the race, if any, is over: its winner's selection was saved
     if chosen is None:
         chosen = _select(table, teacher, example, latency_budget, max_drop, options, leaves, say)
-    selection = chosen.selection
+    field_ = [Contender(info.get("kept", SEARCHED) if resumed else SEARCHED, chosen.selection, chosen.probe)]
+    if not resumed and options.races_plans(latency_budget) and chosen.selection.choice:
+        field_ = contenders(table, chosen, latency_budget, options.latency_tolerance,
+                            _measurer(table, teacher, example, options, leaves), model=teacher,
+                            rivals=options.rivals, limit=options.race_plans, leaves=leaves, say=say)
+    probes = chosen.probes + [c.probe for c in field_ if c.probe and c.probe not in chosen.probes]
+    raced = [c.to_dict() for c in field_] if len(field_) > 1 else info.get("contenders", []) if resumed else []
     seconds["select"] = round(time.perf_counter() - t0, 3)
-    plan = assemble_plan(table.units, selection.choice, arch=meta.arch, leaves=leaves)
+    plans = {c.name: assemble_plan(table.units, c.selection.choice, arch=meta.arch, leaves=leaves) for c in field_}
+    kept = field_[0].name
+    selection, plan = field_[0].selection, plans[kept]
     say(f"selected {len(selection.choice)} of {len(table.units)} units: predicted {chosen.predicted_ratio:.3f} of "
         f"the original's latency, drop {selection.predicted_drop:.1f} points")
+    if len(field_) > 1:
+        say(f"racing {len(field_)} plans: " + ", ".join(f"{c.name} ({len(c.selection.choice)} units)"
+                                                         for c in field_))
     local_res: LocalResult | None = None
     history: list[dict] = []
     agree_local = None
@@ -335,33 +365,25 @@ def search(model, data, output: str | os.PathLike, *, latency_budget: float | No
     if not plan.steps:
         student = copy.deepcopy(teacher)
     else:
-        from repconv.conversion import convert
-
         work = on_device(teacher, options.device)  # the teacher where the refit and the local stage run
         done_local = prior is not None and info.get("plan_digest") == plan.digest() and info.get("phase") in (
             "local", "global")
         if done_local:
-            starts = {"resumed": prior.model}
-            meta = copy.deepcopy(prior.meta)
+            starts, owners, metas = {"resumed": prior.model}, {"resumed": kept}, {kept: copy.deepcopy(prior.meta)}
             local_skipped = bool(info.get("local_skipped", False))
             agree_local = info.get("agreement_after_local")  # measured when the local stage ended
-            refit_res, start = info.get("refit"), info.get("start")
+            refits, start = {kept: info.get("refit")}, info.get("start")
             say("resuming after the local stage")
         else:
-            conv = convert(loaded, plan=plan)
-            meta = copy.deepcopy(conv.meta)
-            meta.extra["search"] = {"phase": "converted", "plan_digest": plan.digest(),
-                                    "selection": selection.to_dict(), "table_key": table.key,
-                                    "probes": [p.to_dict() for p in chosen.probes],
-                                    "local_skipped": options.skip_local}
-            prepared = prepare_starts(conv.model.to(device_of(work)), work, train_set, plan, options,
-                                      batches_on(work, eval_batches), say=say, progress=progress is not None)
-            starts, local_res, local_skipped = prepared.models, prepared.local, prepared.local_skipped
-            refit_res = prepared.refit
+            extra = {"table_key": table.key, "probes": [p.to_dict() for p in probes],
+                     "local_skipped": options.skip_local, "contenders": raced}
+            prepared = _convert_contenders(loaded, field_, plans, work, train_set, options,
+                                           batches_on(work, eval_batches), extra, say=say,
+                                           progress=progress is not None)
+            starts, owners, metas, refits = prepared.starts, prepared.owners, prepared.metas, prepared.refits
+            local_res, local_skipped = prepared.local, prepared.local_skipped
             seconds |= prepared.seconds
-            if refit_res:
-                meta.extra["search"]["refit"] = {k: refit_res[k] for k in ("mean_error_before", "mean_error_after",
-                                                                           "mode")}
+        meta, refit_res = metas[kept], refits[kept]
         student = next(iter(starts.values()))  # the first start (a local stage leaves exactly one)
         if local_res is not None:
             agree_local = agreement(student, work, eval_batches)
@@ -375,6 +397,8 @@ def search(model, data, output: str | os.PathLike, *, latency_budget: float | No
                 save(ckpt, m, meta)
 
             def on_start(race: dict) -> None:
+                nonlocal meta
+                meta = metas[owners[race["chosen"]]]  # the winner's plan is what the checkpoint holds from now on
                 meta.extra["search"]["start"] = race
                 say(f"the global stage continues from the {race['chosen']} model ("
                     + ", ".join(f"{k}: {pct(v)}" for k, v in race["scores"].items()) + f" {race['metric']} after "
@@ -384,6 +408,11 @@ def search(model, data, output: str | os.PathLike, *, latency_budget: float | No
                                  on_start=on_start, resume=resume, progress=progress is not None, say=say)
             student, history, start = stage.model, stage.history, stage.start or start
             seconds["global"] = stage.seconds
+            if stage.start:
+                kept = owners[stage.start["chosen"]]
+                winner = next(c for c in field_ if c.name == kept)
+                selection, plan, refit_res = winner.selection, plans[kept], refits[kept]
+                chosen = MeasuredSelection(selection, probes)
         student.cpu().eval()  # verified on the CPU beside the original
         meta.extra["search"] = meta.extra.get("search", {}) | {"phase": "done"}
         save(ckpt, student, meta)
@@ -401,7 +430,7 @@ def search(model, data, output: str | os.PathLike, *, latency_budget: float | No
                           selection.predicted_drop, agree_local, agree, _labeled_accuracy(teacher, val_set),
                           _labeled_accuracy(student, val_set), local_res.to_dict() if local_res else None, history,
                           local_skipped=local_skipped, refit=refit_res, start=start,
-                          latency_probes=[p.to_dict() for p in chosen.probes])
+                          latency_probes=[p.to_dict() for p in probes], kept=kept, contenders=raced)
     seconds["verify"] = round(time.perf_counter() - t0, 1)
     seconds["total"] = round(time.perf_counter() - started, 1)
     result.seconds = seconds
@@ -415,13 +444,51 @@ def search(model, data, output: str | os.PathLike, *, latency_budget: float | No
     return result
 
 
-def _select(table: CandidateTable, teacher: nn.Module, example: torch.Tensor, latency_budget: float | None,
-            max_drop: float | None, options: SearchOptions, leaves: Sequence[str],
-            say: Callable[[str], None]) -> MeasuredSelection:
-    """A latency budget is checked on the assembled model (:func:`measured.select_measured`); a maximum drop is
-    solved on the table alone."""
-    if latency_budget is None:
-        return MeasuredSelection(select(table, max_drop=max_drop))
+@dataclass
+class _Starts:
+    """Every contender converted: the global stage's starts (name -> model) and the plan each converts; each plan's
+    checkpoint meta and refit."""
+
+    starts: dict[str, nn.Module] = field(default_factory=dict)
+    owners: dict[str, str] = field(default_factory=dict)
+    metas: dict = field(default_factory=dict)
+    refits: dict[str, dict | None] = field(default_factory=dict)
+    local: LocalResult | None = None  # a local stage runs for a single plan only (SearchOptions.races_plans)
+    local_skipped: bool = False
+    seconds: dict = field(default_factory=dict)
+
+
+def _convert_contenders(loaded, field_: Sequence[Contender], plans: dict, teacher: nn.Module, train_set,
+                        options: SearchOptions, eval_batches: Sequence[torch.Tensor], extra: dict, *,
+                        say: Callable[[str], None], progress: bool) -> _Starts:
+    """Convert each contender's plan and make its starts (``recover.prepare_starts``: the refit, the local stage);
+    with several plans each start is named for its plan (``pf-hybrid``, ``pf-hybrid+refit``). ``extra``: what
+    every plan's ``meta.extra["search"]`` holds besides its own selection."""
+    from repconv.conversion import convert
+
+    out = _Starts()
+    for c in field_:
+        conv = convert(loaded, plan=plans[c.name])
+        meta = out.metas[c.name] = copy.deepcopy(conv.meta)
+        meta.extra["search"] = {"phase": "converted", "plan_digest": plans[c.name].digest(), "kept": c.name,
+                                "selection": c.selection.to_dict(), **extra}
+        prepared = prepare_starts(conv.model.to(device_of(teacher)), teacher, train_set, plans[c.name], options,
+                                  eval_batches, say=say, progress=progress)
+        for name, model in prepared.models.items():
+            name = name if len(field_) == 1 else c.name if name == "converted" else f"{c.name}+{name}"
+            out.starts[name], out.owners[name] = model, c.name
+        out.local, out.local_skipped, out.refits[c.name] = prepared.local, prepared.local_skipped, prepared.refit
+        out.seconds |= prepared.seconds
+        if prepared.refit:
+            meta.extra["search"]["refit"] = {k: prepared.refit[k] for k in ("mean_error_before", "mean_error_after",
+                                                                            "mode")}
+    return out
+
+
+def _measurer(table: CandidateTable, teacher: nn.Module, example: torch.Tensor, options: SearchOptions,
+              leaves: Sequence[str]) -> Callable[[dict[str, str]], float]:
+    """``measure(choice)``: the assembled plan's latency as a ratio of the original's, timed interleaved with it on
+    the target."""
 
     def measure(choice: dict[str, str]) -> float:
         plan = assemble_plan(table.units, choice, leaves=leaves)
@@ -430,8 +497,18 @@ def _select(table: CandidateTable, teacher: nn.Module, example: torch.Tensor, la
                             block=options.latency_block, warmup=options.latency_warmup)
         return ms["assembled"] / ms["original"]
 
-    return select_measured(table, latency_budget, measure, checks=options.latency_checks,
-                           tolerance=options.latency_tolerance, progress=say)
+    return measure
+
+
+def _select(table: CandidateTable, teacher: nn.Module, example: torch.Tensor, latency_budget: float | None,
+            max_drop: float | None, options: SearchOptions, leaves: Sequence[str],
+            say: Callable[[str], None]) -> MeasuredSelection:
+    """A latency budget is checked on the assembled model (:func:`measured.select_measured`); a maximum drop is
+    solved on the table alone."""
+    if latency_budget is None:
+        return MeasuredSelection(select(table, max_drop=max_drop))
+    return select_measured(table, latency_budget, _measurer(table, teacher, example, options, leaves),
+                           checks=options.latency_checks, tolerance=options.latency_tolerance, progress=say)
 
 
 def _resumed_selection(info: dict, table: CandidateTable, latency_budget: float | None,

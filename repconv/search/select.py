@@ -83,6 +83,19 @@ def _selection(table, cols, delta, damage, x, **kw) -> Selection:
                      float(damage[chosen].sum()), **kw)
 
 
+def score(table: CandidateTable, choice: dict[str, str], **kw) -> Selection:
+    """What the table predicts for ``choice`` (unit -> candidate; units not named are kept), as a Selection
+    (``kw``: its budget fields). Raises PlanError for a unit or candidate the table does not hold."""
+    known = {u.unit: u for u in table.units}
+    for unit, name in choice.items():
+        if unit not in known:
+            raise PlanError(f"'{unit}' is not a candidate unit", "pick units from the candidate table")
+        known[unit].get(name)
+    cols, delta, damage = _index(table)
+    x = np.array([float(choice.get(u.unit, KEEP) == c.name) for u, c in cols])
+    return _selection(table, cols, delta, damage, x, **kw)
+
+
 def fastest(table: CandidateTable) -> Selection:
     """The fastest plan the table allows, whatever its drop (ties: the smaller drop)."""
     cols, delta, damage = _index(table)

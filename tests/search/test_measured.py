@@ -64,9 +64,20 @@ def test_a_budget_no_plan_meets_when_measured_names_the_fastest():
     with pytest.raises(PlanError, match=expected):
         select_measured(make_table(), 0.6, measure)
     assert len(calls) == 2  # the table's plan, then the fastest: no more is needed to know
-    with pytest.raises(PlanError, match=r"fastest plan .* 0\.475 "):  # the table alone refuses it: nothing timed
+    with pytest.raises(PlanError, match=r"fastest plan .* ran at 0\.738 "):  # beyond the table: its fastest, timed
         select_measured(make_table(), 0.3, measure)
-    assert len(calls) == 2
+    assert len(calls) == 3
+    with pytest.raises(PlanError, match=r"fastest plan .* 0\.475 "):  # trusting the table: nothing timed
+        select_measured(make_table(), 0.3, measure, checks=0)
+    assert len(calls) == 3
+
+
+def test_a_budget_beyond_the_table_is_met_where_the_assembled_model_saves_more():
+    measure, calls = whole_model(1.6)  # the fastest plan saves 0.525 in the table, 0.84 in the whole model
+    got = select_measured(make_table(), 0.3, measure)
+    assert calls[0] == fastest(make_table()).choice and got.probes[0].measured_ratio == pytest.approx(0.16)
+    assert got.measured_ratio <= 0.3 * 1.03 and got.selection.latency_budget == 0.3
+    assert got.selection.predicted_drop <= fastest(make_table()).predicted_drop and len(calls) <= 4
 
 
 def test_a_table_that_puts_its_fastest_plan_below_zero():

@@ -189,3 +189,57 @@ def test_a_refit_its_own_check_undid_is_not_raced(digits_checkpoint, monkeypatch
     alone = prepare_starts(convert(teacher, method="parameter-free", pf_policy="all").model, teacher, train,
                            conv.plan, options, [])
     assert set(alone.models) == {"converted"} and alone.refit["kept_input"] is True
+
+
+def test_plans_race_under_a_latency_budget_and_what_is_written_is_the_winner(searched, digits_checkpoint, tmp_path):
+    """Under a latency budget the table's plan races each uniform policy that meets the budget when timed (here
+    pf-all, which the table's plan cannot be: every pf-max is made costly in the table) through the first global
+    epoch; the checkpoint, search.json and a resumed search all hold the plan that won."""
+    import shutil
+
+    import torch
+
+    from repconv.checkpoint import save
+    from repconv.search.candidates import assemble_plan
+    from repconv.search.select import fastest
+    from repconv.search.table import load_table
+
+    opts = quick(local=LocalOptions(epochs=0, batch_size=32), refit="off", global_epochs=2, latency_tolerance=0.9,
+                 rivals=("pf-all",))  # a tolerance of 0.9: every plan meets the budget
+    cache = tmp_path / "candidates.json"
+    shutil.copy(searched[0] / "candidates.json", cache)
+    table = load_table(cache)
+    for key, figures in table.figures.items():
+        if key.endswith(":pf-max"):
+            figures.damage = 50.0
+    table.save(cache)
+    budget = round(1 - (1 - fastest(table).predicted_ratio) / 2, 3)
+    said: list[str] = []
+    res = search(digits_checkpoint, "digits", tmp_path / "o", latency_budget=budget, options=opts, cache=cache,
+                 progress=said.append)
+    assert [c["name"] for c in res.contenders] == ["searched", "pf-all"] and any("racing 2 plans" in m for m in said)
+    assert res.contenders[1]["choice"] == {u.unit: "pf-max" for u in table.units}
+    assert "pf-max" not in res.contenders[0]["choice"].values()
+    assert set(res.start["scores"]) == {"searched", "pf-all"} and res.kept == res.start["chosen"]
+    kept = next(c for c in res.contenders if c["name"] == res.kept)
+    assert res.selection.choice == kept["choice"] and len(res.global_history) == 2
+    loaded = repconv.load_checkpoint(tmp_path / "o" / "searched.repconv.safetensors")
+    plan = assemble_plan(table.units, kept["choice"], arch=loaded.meta.arch, leaves=loaded.meta.plan.leaves)
+    info = loaded.meta.extra["search"]
+    assert loaded.meta.plan.digest() == plan.digest() and info["kept"] == res.kept and info["phase"] == "done"
+    assert any(p["choice"] == kept["choice"] for p in res.latency_probes)  # its timing is among the probes
+    assert res.predicted_ratio == pytest.approx(
+        next(p for p in res.latency_probes if p["choice"] == kept["choice"])["predicted_ratio"])
+    saved = json.loads((tmp_path / "o" / "search.json").read_text())
+    assert saved["kept"] == res.kept and saved["contenders"] == res.contenders
+    assert not list((tmp_path / "o").glob("*.start-*"))
+    with torch.no_grad():  # interrupted during the global stage: a resumed search goes on with the winner
+        for p in loaded.model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    loaded.meta.extra["search"] |= {"phase": "global"}
+    save(tmp_path / "o" / "searched.repconv.safetensors", loaded.model, loaded.meta)
+    said.clear()
+    again = search(digits_checkpoint, "digits", tmp_path / "o", latency_budget=budget, options=opts, cache=cache,
+                   progress=said.append, resume=True)
+    assert again.kept == res.kept and again.selection.choice == res.selection.choice
+    assert again.contenders == res.contenders and not any("racing" in m or "assembled plan" in m for m in said)

@@ -11,6 +11,8 @@ import pytest
     (["--latency-budget", "-1"], "--latency-budget -1.0 is not a positive fraction"),
     (["--latency-budget", "0.8", "--target", "gpu-magic"], "--target gpu-magic is not a known target"),
     (["--latency-budget", "0.8", "--local-epochs", "-1"], "--local-epochs -1 must not be negative"),
+    (["--latency-budget", "0.8", "--rivals", "pf-hybrid,pf-most"], "--rivals pf-most is not a known choice"),
+    (["--latency-budget", "0.8", "--race-plans", "0"], "--race-plans 0 must be at least 1"),
 ])
 def test_search_bad_input(run_cli, small_checkpoint, tmp_path, extra, expected):
     code, out, err = run_cli("search", small_checkpoint, "--data", "digits", "-o", tmp_path / "out", *extra)
@@ -47,4 +49,6 @@ def test_recovery_flag_defaults_are_the_api_defaults():
     params = {p.name: p for p in typer.main.get_command(app).commands["search"].params}
     assert params["local_epochs"].default == SearchOptions().local.epochs == 0
     assert params["refit"].default == SearchOptions().refit == "auto"
+    assert params["race_plans"].default == SearchOptions().race_plans == 3
+    assert params["rivals"].help.endswith(f"(default: {','.join(SearchOptions().rivals)})")
     assert "skips it" in params["local_epochs"].help and "race" in params["refit"].help
