@@ -294,7 +294,7 @@ def ort_session(model: onnx.ModelProto | str | os.PathLike, level: str = "all", 
     ``spin_when_idle=False`` keeps the spinning inside each run and stops it when the run returns
     (``session.force_spinning_stop``): sessions timed in turn in one process then do not take the cores from
     each other (on a 2-core host, a model timed against a copy of itself measured 1.0-1.8x with idle sessions
-    spinning, 0.98-1.03x without).
+    spinning, 0.97-1.01x without).
     ``providers`` (execution providers in priority order, e.g. ``["TensorrtExecutionProvider"]`` for the
     search's tensorrt target) replaces ``device``'s (:func:`ort_providers`).
     """
