@@ -3,10 +3,11 @@ budget check timed and found within it.
 
 The candidate table scores each unit alone, and adds the scores. Damages compound: on a converged resnet50 at
 32px, the plan solved for 0.7 of the original's latency pooled all three stride-2 units and ended 2.8 points
-below pf-hybrid, which ran at 0.72 and keeps their convs (docs/results.md 2.7i). The table cannot see that; a
-few epochs of the recovery itself can. After the first epoch of distillation that plan stood at 17.1% on the
-hold-out, pf-hybrid at 55.1%. So ``search`` trains each contender, each with its own starts (refit or not),
-through the first epoch(s) of the global stage (:mod:`repconv.train.race`), and the best goes on.
+below pf-hybrid, which ran at 0.72 and keeps their convs (docs/results.md 2.7i). The table cannot see that; the
+recovery's first epoch did: after it that plan stood at 17.1% on the hold-out, pf-hybrid at 55.1%. So ``search``
+trains each contender, each with its own starts (refit or not), through the first epoch(s) of the global stage
+(:mod:`repconv.train.race`), and the best goes on. That judge misses a plan that starts slowly and overtakes
+(2.7j: pf-hybrid at 32% after one epoch against the table plan's 72% ended 1.4 points above it).
 
 A uniform policy is a contender only when the table can express its plan (every step of ``convert``'s plan for
 it is one of the table's candidates; steps outside the table's units are left out, as the search leaves those
@@ -42,10 +43,6 @@ class Contender:
     name: str
     selection: Selection
     probe: Probe | None  # its timing (None: not timed, a maximum-drop search)
-
-    @property
-    def measured(self) -> MeasuredSelection:
-        return MeasuredSelection(self.selection, [self.probe] if self.probe else [])
 
     def to_dict(self) -> dict:
         return {"name": self.name, "choice": dict(self.selection.choice), "predicted_drop":

@@ -191,7 +191,8 @@ def test_a_refit_its_own_check_undid_is_not_raced(digits_checkpoint, monkeypatch
     assert set(alone.models) == {"converted"} and alone.refit["kept_input"] is True
 
 
-def test_plans_race_under_a_latency_budget_and_what_is_written_is_the_winner(searched, digits_checkpoint, tmp_path):
+def test_plans_race_under_a_latency_budget_and_what_is_written_is_the_winner(searched, digits_checkpoint, tmp_path,
+                                                                            capsys):
     """Under a latency budget the table's plan races each uniform policy that meets the budget when timed (here
     pf-all, which the table's plan cannot be: every pf-max is made costly in the table) through the first global
     epoch; the checkpoint, search.json and a resumed search all hold the plan that won."""
@@ -233,6 +234,12 @@ def test_plans_race_under_a_latency_budget_and_what_is_written_is_the_winner(sea
     saved = json.loads((tmp_path / "o" / "search.json").read_text())
     assert saved["kept"] == res.kept and saved["contenders"] == res.contenders
     assert not list((tmp_path / "o").glob("*.start-*"))
+    from repconv.cli import render_run
+
+    capsys.readouterr()
+    render_run.searched(res)  # what `repconv search` prints: the plans raced and the one kept
+    printed = capsys.readouterr().out
+    assert "Plans raced" in printed and f"{res.kept} kept" in printed and "pf-all" in printed
     with torch.no_grad():  # interrupted during the global stage: a resumed search goes on with the winner
         for p in loaded.model.parameters():
             p.add_(0.01 * torch.randn_like(p))
