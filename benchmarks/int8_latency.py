@@ -40,7 +40,7 @@ def randomize_bn(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
 
 
 def time_session(path: Path, x: torch.Tensor, repeats: int, warmup: int, threads: int) -> list[float]:
-    session = ort_session(path, "all", threads=threads, spinning=True)
+    session = ort_session(path, "all", threads=threads, spinning="on")
     feed = {"input": x.numpy()}
     for _ in range(warmup):
         session.run(None, feed)

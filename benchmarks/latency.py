@@ -57,7 +57,7 @@ def _worker(job: dict) -> dict:
     """Time ONNX files (name -> [path, level]) at each batch: {batch: {name: [round medians]}}."""
     from repconv.onnx_graph import ort_session
 
-    sessions = {name: ort_session(path, level, threads=job["threads"], spinning=True)
+    sessions = {name: ort_session(path, level, threads=job["threads"], spinning="in-runs")
                 for name, (path, level) in job["models"].items()}
     rng = np.random.default_rng(0)
     result = {}

@@ -46,7 +46,7 @@ def _sessions(onnx_path: str, spin: bool, count: int, threads: int):
 
     from repconv.onnx_graph import ort_session
 
-    sessions = [ort_session(onnx_path, "all", threads=threads, spinning=spin) for _ in range(count)]
+    sessions = [ort_session(onnx_path, "all", threads=threads, spinning="on" if spin else "off") for _ in range(count)]
     feed = {sessions[0].get_inputs()[0].name: np.random.default_rng(0).standard_normal((32, 3, 32, 32), np.float32)}
     for s in sessions:
         for _ in range(3):

@@ -89,7 +89,7 @@ def measure_latency(models: dict, size: int, batches: list[int], threads: int, p
                                     name.partition("/")[0])
             with torch.no_grad():
                 ref = model(x[:2])
-            out = ort_session(path, "all", threads=threads, spinning=True).run(None, {"input": x[:2].numpy()})[0]
+            out = ort_session(path, "all", threads=threads, spinning="on").run(None, {"input": x[:2].numpy()})[0]
             rows[name] = {"fold_max_abs_diff": float((folded(x[:2]) - ref).abs().max()),
                           "onnx_max_abs_diff": float(abs(out - ref.numpy()).max())}
             folded_models[name], files[name] = folded, (path, "all")

@@ -83,7 +83,7 @@ def run(quick: bool, threads: int, size: int, batches: list[int], plain: bool = 
                 reference = model(x[:2])
                 parity = float((folded(x[:2]) - reference).abs().max())
             path = export_for_bench(model, Path(tmp) / f"{name}.onnx", True, size)
-            out = ort_session(path, "all", threads=threads, spinning=True).run(None, {"input": x[:2].numpy()})[0]
+            out = ort_session(path, "all", threads=threads, spinning="on").run(None, {"input": x[:2].numpy()})[0]
             results["models"][name] = {**counts, "fold_max_abs_diff": parity,
                                        "onnx_max_abs_diff": float(np.abs(out - reference.numpy()).max())}
             folded_models[name] = folded

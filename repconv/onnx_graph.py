@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import os
 import tempfile
+import typing
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import numpy as np
 
@@ -34,6 +35,7 @@ DATA_SUFFIX = ".data"
 ORT_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",
               "all": "ORT_ENABLE_ALL"}
 T = TypeVar("T")
+Spinning = Literal["off", "in-runs", "on"]  # ONNX Runtime worker threads (ort_session)
 
 
 # ---------------------------------------------------------------- parity
@@ -285,16 +287,15 @@ def ort_providers(device: str = "cpu", providers: Sequence[str] | None = None) -
 
 
 def ort_session(model: onnx.ModelProto | str | os.PathLike, level: str = "all", *, threads: int | None = None,
-                device: str = "cpu", spinning: bool = False, spin_when_idle: bool = True,
-                providers: Sequence[str] | None = None):
+                device: str = "cpu", spinning: Spinning = "off", providers: Sequence[str] | None = None):
     """An ONNX Runtime session on a graph (in memory, or a file) at optimization ``level``.
 
-    ``threads`` defaults to torch's thread count. Worker threads do not spin (``spinning=False``): a session
-    kept alive while torch works in the same process would otherwise take CPU from it; bench turns it on.
-    ``spin_when_idle=False`` keeps the spinning inside each run and stops it when the run returns
-    (``session.force_spinning_stop``): sessions timed in turn in one process then do not take the cores from
-    each other (on a 2-core host, a model timed against a copy of itself measured 1.0-1.8x with idle sessions
-    spinning, 0.97-1.01x without).
+    ``threads`` defaults to torch's thread count. ``spinning``: ``off`` (default), worker threads never spin: a
+    session kept alive while torch works in the same process would otherwise take CPU from it; ``on``, ONNX
+    Runtime's default, for bench's one session at a time; ``in-runs``, they spin within each run and stop when it
+    returns (``session.force_spinning_stop``), for sessions timed in turn in one process, which otherwise take the
+    cores from each other (on a 2-core host, a model timed against a copy of itself measured 1.0-1.8x with idle
+    sessions spinning, 0.97-1.01x without).
     ``providers`` (execution providers in priority order, e.g. ``["TensorrtExecutionProvider"]`` for the
     search's tensorrt target) replaces ``device``'s (:func:`ort_providers`).
     """
@@ -308,10 +309,12 @@ def ort_session(model: onnx.ModelProto | str | os.PathLike, level: str = "all", 
     options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, ORT_LEVELS[level])
     options.intra_op_num_threads = threads
     options.log_severity_level = 3
-    if not spinning:
+    if spinning not in typing.get_args(Spinning):
+        raise OptionError("spinning", spinning, "is not a known choice", "use off, in-runs or on")
+    if spinning == "off":
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.add_session_config_entry("session.inter_op.allow_spinning", "0")
-    elif not spin_when_idle:
+    elif spinning == "in-runs":
         options.add_session_config_entry("session.force_spinning_stop", "1")
     providers = ort_providers(device, providers)
 

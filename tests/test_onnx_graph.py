@@ -21,7 +21,7 @@ def test_the_device_decides_the_providers_by_default(small_onnx):
 
 def test_named_providers(small_onnx):
     x = np.random.default_rng(0).random((3, 3, 32, 32), dtype=np.float32)
-    session = ort_session(small_onnx, "all", threads=1, spinning=True, providers=["CPUExecutionProvider"])
+    session = ort_session(small_onnx, "all", threads=1, spinning="on", providers=["CPUExecutionProvider"])
     assert session.get_providers() == ["CPUExecutionProvider"]
     assert session.get_session_options().intra_op_num_threads == 1
     assert np.abs(run_onnx(session, x) - run_onnx(ort_session(small_onnx), x)).max() <= 1e-5
@@ -38,8 +38,8 @@ def test_spinning_within_runs_only(small_onnx):
 
     keys = ("session.intra_op.allow_spinning", "session.force_spinning_stop")
     assert [entry(ort_session(small_onnx), k) for k in keys] == ["0", None]
-    assert [entry(ort_session(small_onnx, spinning=True, spin_when_idle=False), k) for k in keys] == [None, "1"]
-    assert [entry(ort_session(small_onnx, spinning=True), k) for k in keys] == [None, None]
+    assert [entry(ort_session(small_onnx, spinning="in-runs"), k) for k in keys] == [None, "1"]
+    assert [entry(ort_session(small_onnx, spinning="on"), k) for k in keys] == [None, None]
 
 
 def test_named_providers_are_checked(small_onnx):

@@ -61,7 +61,7 @@ class OrtSession(Session):
     def __init__(self, path: Path, device: str, *, threads: int | None = None):
         self.proto = load_onnx(path)
         # a session that is measured or used spins its workers, as ONNX Runtime does by default
-        self.session = ort_session(path, threads=threads, device=device, spinning=True)
+        self.session = ort_session(path, threads=threads, device=device, spinning="on")
         first = self.session.get_inputs()[0]
         self.input_name, self.input_shape = first.name, tuple(first.shape)
         self.input_dtype = np.float16 if first.type == "tensor(float16)" else np.float32

@@ -130,16 +130,19 @@ def conflicts(table: Sequence[UnitCandidates]) -> list[tuple[str, str, str]]:
     return sorted(set(out))
 
 
+def chosen_candidates(table: Sequence[UnitCandidates], choice: dict[str, str]) -> list[Candidate]:
+    """The candidates ``choice`` (unit -> candidate name) names; PlanError for a unit or candidate not in ``table``."""
+    known = {u.unit: u for u in table}
+    for unit in choice:
+        if unit not in known:
+            raise PlanError(f"'{unit}' is not a candidate unit", "pick units from the candidate table")
+    return [known[unit].get(name) for unit, name in choice.items()]
+
+
 def assemble_plan(table: Sequence[UnitCandidates], choice: dict[str, str], *, arch: str | None = None,
                   leaves: Sequence[str] = ()) -> Plan:
     """The plan that applies ``choice`` (unit -> candidate name; units not named are kept)."""
-    known = {u.unit: u for u in table}
-    steps = []
-    for unit, name in choice.items():
-        if unit not in known:
-            raise PlanError(f"'{unit}' is not a candidate unit", "pick units from the candidate table")
-        if name != KEEP:
-            steps += [_copy(s) for s in known[unit].get(name).steps]
+    steps = [_copy(s) for c in chosen_candidates(table, choice) for s in c.steps]  # keep has no steps
     steps.sort(key=lambda s: s.kind != "replace")
     return Plan(steps, arch, list(leaves))
 

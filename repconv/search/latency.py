@@ -66,8 +66,7 @@ def runner(target: str, model: nn.Module, example: torch.Tensor, *, tmp: Path, n
         path = export_onnx_file(model, example, tmp / f"{name}.onnx")
         # ONNX Runtime's defaults otherwise: worker threads spin within a run (as bench's sessions), not after it
         # (several sessions are timed in turn), the target's provider alone
-        session = ort_session(path, "all", threads=threads, spinning=True, spin_when_idle=False,
-                              providers=[_PROVIDERS[target]])
+        session = ort_session(path, "all", threads=threads, spinning="in-runs", providers=[_PROVIDERS[target]])
         feed = {"input": example.numpy()}
         return lambda: session.run(None, feed)
     from repconv.convert.fold import fuse_conv_bn

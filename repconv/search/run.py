@@ -347,7 +347,7 @@ def search(model, data, output: str | os.PathLike, *, latency_budget: float | No
                             _measurer(table, teacher, example, options, leaves), model=teacher,
                             rivals=options.rivals, limit=options.race_plans, leaves=leaves, say=say)
     probes = chosen.probes + [c.probe for c in field_ if c.probe and c.probe not in chosen.probes]
-    raced = [c.to_dict() for c in field_] if len(field_) > 1 else info.get("contenders", []) if resumed else []
+    raced = info.get("contenders", []) if resumed else [c.to_dict() for c in field_] if len(field_) > 1 else []
     seconds["select"] = round(time.perf_counter() - t0, 3)
     plans = {c.name: assemble_plan(table.units, c.selection.choice, arch=meta.arch, leaves=leaves) for c in field_}
     kept = field_[0].name
@@ -383,7 +383,7 @@ def search(model, data, output: str | os.PathLike, *, latency_budget: float | No
             starts, owners, metas, refits = prepared.starts, prepared.owners, prepared.metas, prepared.refits
             local_res, local_skipped = prepared.local, prepared.local_skipped
             seconds |= prepared.seconds
-        meta, refit_res = metas[kept], refits[kept]
+        meta = metas[kept]
         student = next(iter(starts.values()))  # the first start (a local stage leaves exactly one)
         if local_res is not None:
             agree_local = agreement(student, work, eval_batches)
@@ -397,8 +397,9 @@ def search(model, data, output: str | os.PathLike, *, latency_budget: float | No
                 save(ckpt, m, meta)
 
             def on_start(race: dict) -> None:
-                nonlocal meta
-                meta = metas[owners[race["chosen"]]]  # the winner's plan is what the checkpoint holds from now on
+                nonlocal meta, kept
+                kept = owners[race["chosen"]]
+                meta = metas[kept]  # the winner's plan is what the checkpoint holds from now on
                 meta.extra["search"]["start"] = race
                 say(f"the global stage continues from the {race['chosen']} model ("
                     + ", ".join(f"{k}: {pct(v)}" for k, v in race["scores"].items()) + f" {race['metric']} after "
@@ -408,11 +409,9 @@ def search(model, data, output: str | os.PathLike, *, latency_budget: float | No
                                  on_start=on_start, resume=resume, progress=progress is not None, say=say)
             student, history, start = stage.model, stage.history, stage.start or start
             seconds["global"] = stage.seconds
-            if stage.start:
-                kept = owners[stage.start["chosen"]]
-                winner = next(c for c in field_ if c.name == kept)
-                selection, plan, refit_res = winner.selection, plans[kept], refits[kept]
-                chosen = MeasuredSelection(selection, probes)
+        winner = next(c for c in field_ if c.name == kept)
+        selection, plan, refit_res = winner.selection, plans[kept], refits[kept]
+        chosen = MeasuredSelection(selection, probes)
         student.cpu().eval()  # verified on the CPU beside the original
         meta.extra["search"] = meta.extra.get("search", {}) | {"phase": "done"}
         save(ckpt, student, meta)

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from repconv.errors import OptionError, PlanError
-from repconv.search.candidates import KEEP, conflicts
+from repconv.search.candidates import KEEP, chosen_candidates, conflicts
 from repconv.search.table import CandidateTable
 
 
@@ -86,11 +86,7 @@ def _selection(table, cols, delta, damage, x, **kw) -> Selection:
 def score(table: CandidateTable, choice: dict[str, str], **kw) -> Selection:
     """What the table predicts for ``choice`` (unit -> candidate; units not named are kept), as a Selection
     (``kw``: its budget fields). Raises PlanError for a unit or candidate the table does not hold."""
-    known = {u.unit: u for u in table.units}
-    for unit, name in choice.items():
-        if unit not in known:
-            raise PlanError(f"'{unit}' is not a candidate unit", "pick units from the candidate table")
-        known[unit].get(name)
+    chosen_candidates(table.units, choice)
     cols, delta, damage = _index(table)
     x = np.array([float(choice.get(u.unit, KEEP) == c.name) for u, c in cols])
     return _selection(table, cols, delta, damage, x, **kw)

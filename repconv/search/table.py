@@ -18,7 +18,7 @@ from torch import nn
 from repconv.errors import InputFileError
 from repconv.search.candidates import KEEP, Candidate, UnitCandidates
 
-TABLE_VERSION = 2  # 2: latency timed with idle sessions not spinning (onnx_graph.ort_session spin_when_idle)
+TABLE_VERSION = 2  # 2: latency timed with sessions spinning only within runs (onnx_graph.ort_session "in-runs")
 
 
 @dataclass
