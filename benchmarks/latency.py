@@ -27,7 +27,9 @@ import numpy as np
 
 
 def block_rounds(fns: Mapping[str, Callable[[], object]], rounds: int, block: int, warmup: int) -> dict[str, list]:
-    """For each name, the median ms of its block in every round (blocks run in the mapping's order)."""
+    """For each name, the median ms of its block in every round (blocks run in the mapping's order). Not
+    ``repconv.search.latency.time_interleaved``: the ``--worker`` processes that run this import onnxruntime
+    alone, and that module imports torch."""
     out: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():

@@ -200,10 +200,30 @@ def table_latency(r: dict) -> str:
                          f"original's {r['base_ms']:.2f} ms."])
 
 
+def race_curves(r: dict) -> str:
+    """benchmarks/race_curves.py: each plan's hold-out score per global epoch (mean over seeds), its end accuracy
+    per seed, and what each judge keeps."""
+    arms = r["arms"]
+    epochs = max(len(run["holdout"]) for a in arms.values() for run in a["runs"])
+    rows = []
+    for name, a in arms.items():
+        mean = [sum(run["holdout"][e] for run in a["runs"]) / len(a["runs"]) for e in range(epochs)]
+        rows.append([name, str(a["units"]), *(pct(v) for v in mean),
+                     ", ".join(pct(run["end"]) for run in a["runs"]),
+                     f"{pct(a['end_mean'])} ± {100 * a['end_sd']:.2f}"])
+    seeds = ", ".join(str(run["seed"]) for run in next(iter(arms.values()))["runs"])
+    races = [[how, ", ".join(race["kept"]), ", ".join(f"{v:.2f}" for v in race["regret_points"]),
+              f"{race['mean_regret_points']:.2f}"] for how, race in r["races"].items()]
+    return "\n\n".join([machine_line(r) + f" Original: {pct(r['original']['val_acc'])}; seeds {seeds}.",
+                         table(["plan", "units", *(f"e{e} (mean)" for e in range(1, epochs + 1)), "end per seed (val)",
+                                "end, mean ± sd"], rows),
+                         table(["judged", "kept (per seed)", "regret per seed, points", "mean regret"], races)])
+
+
 RENDER = {"paper_replacement_scratch": scratch, "paper_replacement_pretrained": pretrained,
           "paper_parameter_free": parameter_free, "paper_deployment": deployment,
           "torch_memory_format": memory_format, "bn_stats_recovery": bn_stats, "blockwise_recovery": blockwise,
-          "search_pareto": search_pareto, "table_latency_stability": table_latency}
+          "search_pareto": search_pareto, "table_latency_stability": table_latency, "race_curves": race_curves}
 
 
 def main() -> None:

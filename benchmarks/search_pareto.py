@@ -56,6 +56,7 @@ def main() -> None:
     ap.add_argument("--global-epochs", type=int, default=10)
     ap.add_argument("--refit", default="auto", choices=["auto", "on", "off"])
     ap.add_argument("--race-plans", type=int, default=3, help="plans a searched plan races (1: the table's alone)")
+    ap.add_argument("--race-epochs", type=int, nargs="+", default=[1], help="the race's rungs (train/race.py)")
     ap.add_argument("--global-lr", type=float, default=3e-3)
     ap.add_argument("--damage-steps", type=int, default=40)
     ap.add_argument("--batch-size", type=int, default=64)
@@ -96,7 +97,7 @@ def main() -> None:
                              damage=DamageOptions(steps=args.damage_steps, batch_size=args.batch_size),
                              local=LocalOptions(epochs=args.local_epochs, batch_size=args.batch_size),
                              global_epochs=args.global_epochs, global_lr=args.global_lr, refit=args.refit,
-                             race_plans=args.race_plans,
+                             race_plans=args.race_plans, race_epochs=tuple(args.race_epochs),
                              batches_per_epoch=args.batches_per_epoch,
                              **search_quick)
         cache = tmp / "candidates.json"

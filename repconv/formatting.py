@@ -31,3 +31,12 @@ def ratio(before: float | None, after: float | None) -> str:
 def pct(x: float | None, digits: int = 2) -> str:
     """0.9123 -> '91.23%'; None -> '-'."""
     return "-" if x is None else f"{100 * x:.{digits}f}%"
+
+
+def race_summary(race: dict) -> str:
+    """A race of starts (``repconv.train.race.RaceResult.to_dict()``) in one line: 'val_acc after 1 epoch: a
+    73.61%, b 32.41%; after 3 epochs: a 92.59%, b 94.91%' (a record without rounds: its final scores)."""
+    rounds = race.get("rounds") or [{"epochs": race.get("epochs"), "scores": race.get("scores") or {}}]
+    parts = [f"after {r['epochs']} epoch{'' if r['epochs'] == 1 else 's'}: "
+             + ", ".join(f"{name} {pct(v)}" for name, v in r["scores"].items()) for r in rounds]
+    return f"{race.get('metric')} " + "; ".join(parts)

@@ -25,7 +25,7 @@ from typing import Any
 
 from repconv._version import __version__
 from repconv.errors import InputFileError
-from repconv.formatting import human, human_bytes, pct
+from repconv.formatting import human, human_bytes, pct, race_summary
 from repconv.io import write_text_atomic
 
 __all__ = ["ParityRecord", "PlanRow", "ReportResult", "RunRecord", "SearchRecord", "Stage", "report",
@@ -446,9 +446,8 @@ def _search_section(search: SearchRecord) -> str:
     stage = "skipped (0 local epochs)" if r.get("local_skipped") else "run" if r.get("local") else "not run"
     units = ", ".join(f"{_e(u)}: {_e(c)}" for u, c in choice.items()) or "none"
     start = r.get("start") or {}
-    others = ", ".join(_e(k) for k in start.get("scores") or {} if k != start.get("chosen"))
-    raced = (f"; the global stage went on from the {_e(start.get('chosen'))} start (raced against {others})"
-             if start.get("chosen") else "")
+    raced = (f"; the global stage went on from the {_e(start.get('chosen'))} start ({_e(race_summary(start))})"
+             if start.get("chosen") and start.get("scores") else "")
     if r.get("contenders"):
         raced += (f"; {len(r['contenders'])} plans raced ("
                   + ", ".join(_e(c.get("name")) for c in r["contenders"]) + f"), {_e(r.get('kept'))} kept")

@@ -232,6 +232,34 @@ def test_table_latency_stability_quick(tmp_path):
             assert build["best_saving_ms"] and build["fastest_ratio"] <= 1 and build["seconds"] > 0
 
 
+def test_race_curves_quick(tmp_path):
+    r = run_quick("race_curves", tmp_path)
+    arms = r["arms"]
+    assert set(arms) >= {"pf-hybrid", "pf-all"}
+    for a in arms.values():
+        assert [run["seed"] for run in a["runs"]] == [0, 1] and all(len(run["holdout"]) == 2 for run in a["runs"])
+        assert min(run["end"] for run in a["runs"]) <= a["end_mean"] <= max(run["end"] for run in a["runs"])
+    assert set(r["races"]) == {"epoch 1", "epoch 2", "halving 1,2"}
+    best = max(a["end_mean"] for a in arms.values())
+    for race in r["races"].values():
+        assert all(name in arms for name in race["kept"])
+        assert race["regret_points"] == [round(100 * (best - arms[n]["end_mean"]), 2) for n in race["kept"]]
+
+
+def test_race_replays_keep_what_the_race_keeps(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import race_curves
+
+    # "slow" is last after epoch 1 and first from epoch 3: one epoch keeps "fast", halving over 1,3 keeps "slow"
+    curves = {"fast": [0.7, 0.8, 0.85], "mid": [0.5, 0.6, 0.7], "slow": [0.3, 0.85, 0.9], "late": [0.2, 0.3, 0.95]}
+    assert race_curves.kept_after(curves, 1) == "fast" and race_curves.kept_after(curves, 3) == "late"
+    assert race_curves.kept_by_halving(curves, [1, 3]) == "fast"  # "slow" and "late" drop at rung 1 (half of 4)
+    curves.pop("late")
+    assert race_curves.kept_by_halving(curves, [1, 3]) == "fast"  # 3 -> 2 ("fast", "mid") -> "fast"
+    curves["mid"] = [0.2, 0.3, 0.4]
+    assert race_curves.kept_by_halving(curves, [1, 3]) == "slow"  # 3 -> 2 ("fast", "slow") -> "slow" at epoch 3
+
+
 def test_every_committed_result_renders():
     """docs/results.md's tables come from render_results.py: every committed JSON it knows must render."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}

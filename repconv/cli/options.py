@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from repconv.errors import OptionError
 from repconv.options import Amp, Backend, BnStatsChoice, Device, Keep
 
 ModelArg = Annotated[Path, typer.Argument(help="checkpoint: a state_dict (.pt/.pth/.bin), .safetensors or a "
@@ -67,3 +68,15 @@ WeightDecayOpt = Annotated[float, typer.Option("--weight-decay")]
 BackendOpt = Annotated[Backend | None, typer.Option("--backend", help="torch | ort | trt (default: what the file "
                                                     "is)")]
 DeviceOpt = Annotated[Device | None, typer.Option("--device", help="cpu | cuda (default: cuda when available)")]
+
+
+def parse_ints(text: str, name: str, example: str) -> tuple[int, ...]:
+    """``"1,8,32"`` -> (1, 8, 32), repeats dropped; anything else is an OptionError naming ``name``."""
+    parts = [p.strip() for p in str(text).split(",") if p.strip()]
+    try:
+        values = tuple(int(p) for p in parts)
+    except ValueError:
+        values = ()
+    if not values or any(v < 1 for v in values):
+        raise OptionError(name, text, "does not parse as a list of positive integers", f"write it like {example}")
+    return tuple(dict.fromkeys(values))

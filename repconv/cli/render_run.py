@@ -9,7 +9,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from repconv.cli.render import note, out, table
-from repconv.formatting import human, pct
+from repconv.formatting import human, pct, race_summary
 
 # ---------------------------------------------------------------- run
 
@@ -107,9 +107,7 @@ def searched(r) -> None:
                           "-" if ratio is None else f"{ratio:.3f}")
         out.print(raced)
     if r.start:
-        scores = ", ".join(f"{name} {pct(v)}" for name, v in r.start["scores"].items())
-        note(f"starts raced: the global stage went on from the {r.start['chosen']} model "
-             f"({r.start['metric']} after {r.start['epochs']} epoch(s): {scores})")
+        note(f"starts raced: the global stage went on from the {r.start['chosen']} model ({race_summary(r.start)})")
     if r.local_skipped:
         note("local (block-wise) distillation skipped: 0 local epochs")
     note(f"checkpoint: {r.checkpoint or '- (nothing converted)'}")

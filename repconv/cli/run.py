@@ -8,8 +8,7 @@ from typing import Annotated
 import typer
 
 from repconv.cli import render, render_run
-from repconv.cli.options import ArchOpt, BackendOpt, DeviceOpt, JsonOpt, NumClassesOpt, TrustOpt
-from repconv.errors import OptionError
+from repconv.cli.options import ArchOpt, BackendOpt, DeviceOpt, JsonOpt, NumClassesOpt, TrustOpt, parse_ints
 
 
 def predict(artifact: Annotated[Path, typer.Argument(help="checkpoint, .onnx or .engine")],
@@ -82,7 +81,7 @@ def bench(artifacts: Annotated[list[Path], typer.Argument(help="checkpoints, .on
     from repconv import api
     from repconv.options import from_values
 
-    values = {**locals(), "batches": parse_batches(batches)}
+    values = {**locals(), "batches": parse_ints(batches, "batches", "1,8,32")}
     names = [b.strip() for b in backends.split(",") if b.strip()] if backends else None
     with render.status("bench") as status:
         report = api.bench(artifacts, backends=names, arch=arch, num_classes=num_classes, trust_pickle=trust_pickle,
@@ -95,15 +94,3 @@ def bench(artifacts: Annotated[list[Path], typer.Argument(help="checkpoints, .on
     for path, what in ((json_out, "JSON report"), (plot, "plot")):
         if path is not None:
             render.note(f"{what} -> {path}")
-
-
-def parse_batches(text: str) -> tuple[int, ...]:
-    """``"1,8,32"`` -> (1, 8, 32); anything else is an OptionError."""
-    parts = [p.strip() for p in str(text).split(",") if p.strip()]
-    try:
-        values = tuple(int(p) for p in parts)
-    except ValueError:
-        values = ()
-    if not values or any(v < 1 for v in values):
-        raise OptionError("batches", text, "does not parse as a list of positive integers", "write it like 1,8,32")
-    return tuple(dict.fromkeys(values))

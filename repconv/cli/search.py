@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from repconv.cli import render, render_run
-from repconv.cli.options import ArchOpt, JsonOpt, ModelArg, NumClassesOpt, TrustOpt
+from repconv.cli.options import ArchOpt, JsonOpt, ModelArg, NumClassesOpt, TrustOpt, parse_ints
 from repconv.options import Device, Refit
 
 TARGETS = "ort-cpu | ort-cuda | tensorrt | torch-nchw | torch-channels-last"
@@ -39,12 +39,16 @@ def search(model: ModelArg,
                                                        "table's plan)")] = 3,
            refit: Annotated[Refit, typer.Option("--refit", help="least-squares refit of the layer after each new "
                                                 "pool (as calibrate does): on | off | auto (the refitted and the "
-                                                "converted model race through the first global epoch; the better "
-                                                "goes on)")] = "auto",
+                                                "converted model race in the global stage; the better goes "
+                                                "on)")] = "auto",
            race_plans: Annotated[int, typer.Option("--race-plans", help="with --latency-budget: the most plans "
-                                                   "that race through the first global epoch (the table's plan, the "
-                                                   "--rival policies that meet the budget when timed, other timed "
-                                                   "plans that met it); 1: the table's plan alone")] = 3,
+                                                   "that race in the global stage (the table's plan, the --rival "
+                                                   "policies that meet the budget when timed, other timed plans "
+                                                   "that met it); 1: the table's plan alone")] = 3,
+           race_epochs: Annotated[str, typer.Option("--race-epochs", help="the race's rungs, comma-separated: "
+                                                    "every start trains to the first, the better half go on to the "
+                                                    "next (1,3: successive halving), the best continues the global "
+                                                    "stage")] = "1",
            rivals: Annotated[str | None, typer.Option("--rivals", help="uniform policies the table's plan races "
                                                       "where they meet the budget, comma-separated (default: "
                                                       "pf-hybrid,pf-all,replace-every-2)")] = None,
@@ -68,6 +72,7 @@ def search(model: ModelArg,
         values.pop("rivals")
     else:
         values["rivals"] = tuple(r.strip() for r in rivals.split(",") if r.strip())
+    values["race_epochs"] = parse_ints(race_epochs, "race_epochs", "1,3")
     options = from_values(api.SearchOptions, values)
     with render.status("searching") as status:
         result = api.search(model, data, output, latency_budget=latency_budget, max_drop=max_drop, options=options,

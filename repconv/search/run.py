@@ -30,7 +30,7 @@ from torch import nn
 
 from repconv.convert.graph import device_of
 from repconv.errors import DataError, OptionError, OutputError
-from repconv.formatting import pct
+from repconv.formatting import race_summary
 from repconv.options import Device, Objective, Refit, Rival, check_choices
 from repconv.search.candidates import KINDS, assemble_plan, enumerate_candidates
 from repconv.search.damage import DamageOptions, build_views, measure_damage
@@ -44,6 +44,7 @@ from repconv.search.select import Selection, check_budget, fastest, select
 from repconv.search.table import CandidateTable, Figures, data_digest, load_table, model_digest, now_utc, table_key
 from repconv.train.local import LocalOptions, LocalResult
 from repconv.train.loop import state_path_for
+from repconv.train.race import check_rungs
 
 TABLE_FILE, PARTIAL_FILE = "candidates.json", "candidates.partial.json"
 CHECKPOINT_FILE, RESULT_FILE, PLOT_FILE = "searched.repconv.safetensors", "search.json", "pareto.png"
@@ -65,13 +66,15 @@ class SearchOptions:
     damage: DamageOptions = field(default_factory=DamageOptions)
     train_images: int | None = 1024  # images for the table's local distillation (None: all)
     eval_images: int = 256  # held-out images scoring each candidate
-    # least-squares refit of the layer after each new pool (calibrate's); auto: raced against no refit over the
-    # first race_epochs of the global stage (search/recover.py)
+    # least-squares refit of the layer after each new pool (calibrate's); auto: raced against no refit in the
+    # global stage (search/recover.py)
     refit: Refit = "auto"
-    race_epochs: int = 1
+    # the race's rungs (train/race.py): (1,): every start trains one epoch and the best continues; (1, 3): the
+    # better half of the field go on to epoch 3 first. One epoch judged resnet50's plans best, 3 seeds (2.7k)
+    race_epochs: tuple[int, ...] = (1,)
     # under a latency budget, the table's plan races these uniform policies where they meet the budget when timed,
-    # then the other timed plans that met it, through the first race_epochs (search/rivals.py); race_plans caps
-    # the plans raced (1: the table's plan alone). Needs the global stage and no local stage.
+    # then the other timed plans that met it (search/rivals.py); race_plans caps the plans raced (1: the table's
+    # plan alone). Needs the global stage and no local stage.
     rivals: tuple[Rival, ...] = ("pf-hybrid", "pf-all", "replace-every-2")
     race_plans: int = 3
     refit_images: int = 256  # images (batches of 64) the refit reads
@@ -95,9 +98,7 @@ class SearchOptions:
         if self.race_plans < 1:
             raise OptionError("race_plans", self.race_plans, "must be at least 1",
                               "give 1 to keep the table's plan, or the most plans to race, e.g. 3")
-        if self.race_epochs < 1:
-            raise OptionError("race_epochs", self.race_epochs, "must be at least 1",
-                              "give the global epochs each start trains before one is chosen, e.g. 1")
+        self.race_epochs = check_rungs(self.race_epochs)
         if not self.global_lr > 0:
             raise OptionError("global_lr", self.global_lr, "is not positive", "give a learning rate such as 1e-3")
         check_latency_options(self.latency_checks, self.latency_tolerance)
@@ -344,7 +345,7 @@ def search(model, data, output: str | os.PathLike, *, latency_budget: float | No
     field_ = [Contender(info.get("kept", SEARCHED) if resumed else SEARCHED, chosen.selection, chosen.probe)]
     if not resumed and options.races_plans(latency_budget) and chosen.selection.choice:
         field_ = contenders(table, chosen, latency_budget, options.latency_tolerance,
-                            _measurer(table, teacher, example, options, leaves), model=teacher,
+                            plan_measurer(table, teacher, example, options, leaves), model=teacher,
                             rivals=options.rivals, limit=options.race_plans, leaves=leaves, say=say)
     probes = chosen.probes + [c.probe for c in field_ if c.probe and c.probe not in chosen.probes]
     raced = info.get("contenders", []) if resumed else [c.to_dict() for c in field_] if len(field_) > 1 else []
@@ -401,9 +402,7 @@ def search(model, data, output: str | os.PathLike, *, latency_budget: float | No
                 kept = owners[race["chosen"]]
                 meta = metas[kept]  # the winner's plan is what the checkpoint holds from now on
                 meta.extra["search"]["start"] = race
-                say(f"the global stage continues from the {race['chosen']} model ("
-                    + ", ".join(f"{k}: {pct(v)}" for k, v in race["scores"].items()) + f" {race['metric']} after "
-                    f"{race['epochs']} epoch(s))")
+                say(f"the global stage continues from the {race['chosen']} model ({race_summary(race)})")
 
             stage = global_stage(starts, work, train_set, options, output=ckpt, save_model=save_model,
                                  on_start=on_start, resume=resume, progress=progress is not None, say=say)
@@ -484,7 +483,7 @@ def _convert_contenders(loaded, field_: Sequence[Contender], plans: dict, teache
     return out
 
 
-def _measurer(table: CandidateTable, teacher: nn.Module, example: torch.Tensor, options: SearchOptions,
+def plan_measurer(table: CandidateTable, teacher: nn.Module, example: torch.Tensor, options: SearchOptions,
               leaves: Sequence[str]) -> Callable[[dict[str, str]], float]:
     """``measure(choice)``: the assembled plan's latency as a ratio of the original's, timed interleaved with it on
     the target."""
@@ -506,7 +505,7 @@ def _select(table: CandidateTable, teacher: nn.Module, example: torch.Tensor, la
     solved on the table alone."""
     if latency_budget is None:
         return MeasuredSelection(select(table, max_drop=max_drop))
-    return select_measured(table, latency_budget, _measurer(table, teacher, example, options, leaves),
+    return select_measured(table, latency_budget, plan_measurer(table, teacher, example, options, leaves),
                            checks=options.latency_checks, tolerance=options.latency_tolerance, progress=say)
 
 

@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from repconv import api
-from repconv.cli.run import parse_batches
+from repconv.cli.options import parse_ints
 from repconv.errors import DependencyError, InputFileError, OptionError, OutputError
 from repconv.runtime.bench import schema, validate_report
 
@@ -25,12 +25,12 @@ def report(small_checkpoint, small_onnx, tmp_path_factory):
     return rep, out
 
 
-def test_parse_batches():
-    assert parse_batches("1,8,32") == (1, 8, 32)
-    assert parse_batches(" 4 , 4,2") == (4, 2)
+def test_parse_ints():
+    assert parse_ints("1,8,32", "batches", "1,8,32") == (1, 8, 32)
+    assert parse_ints(" 4 , 4,2", "batches", "1,8,32") == (4, 2)
     for bad in ("1,x", "", "0,2", "-1", "1.5"):
         with pytest.raises(OptionError, match="does not parse"):
-            parse_batches(bad)
+            parse_ints(bad, "batches", "1,8,32")
 
 
 def test_bench_measures_both_artifacts_on_the_same_inputs(report, small_checkpoint, small_onnx):

@@ -13,6 +13,8 @@ import pytest
     (["--latency-budget", "0.8", "--local-epochs", "-1"], "--local-epochs -1 must not be negative"),
     (["--latency-budget", "0.8", "--rivals", "pf-hybrid,pf-most"], "--rivals pf-most is not a known choice"),
     (["--latency-budget", "0.8", "--race-plans", "0"], "--race-plans 0 must be at least 1"),
+    (["--latency-budget", "0.8", "--race-epochs", "3,1"], "--race-epochs 3,1 must be at least 1 and increasing"),
+    (["--latency-budget", "0.8", "--race-epochs", "1,x"], "--race-epochs 1,x does not parse as a list of positive"),
 ])
 def test_search_bad_input(run_cli, small_checkpoint, tmp_path, extra, expected):
     code, out, err = run_cli("search", small_checkpoint, "--data", "digits", "-o", tmp_path / "out", *extra)
@@ -44,11 +46,13 @@ def test_recovery_flag_defaults_are_the_api_defaults():
     import typer
 
     from repconv.cli.app import app
+    from repconv.cli.options import parse_ints
     from repconv.search.run import SearchOptions
 
     params = {p.name: p for p in typer.main.get_command(app).commands["search"].params}
     assert params["local_epochs"].default == SearchOptions().local.epochs == 0
     assert params["refit"].default == SearchOptions().refit == "auto"
     assert params["race_plans"].default == SearchOptions().race_plans == 3
+    assert parse_ints(params["race_epochs"].default, "race_epochs", "1,3") == SearchOptions().race_epochs == (1,)
     assert params["rivals"].help.endswith(f"(default: {','.join(SearchOptions().rivals)})")
     assert "skips it" in params["local_epochs"].help and "race" in params["refit"].help
