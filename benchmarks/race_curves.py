@@ -19,7 +19,6 @@ over ``--seeds`` (each seed orders the data and draws the hold-out).
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import statistics
 import tempfile
@@ -40,27 +39,26 @@ from repconv.search.recover import recover
 from repconv.search.run import SearchOptions, build_table, plan_measurer
 from repconv.train.local import LocalOptions
 from repconv.train.loop import evaluate
+from repconv.train.race import survivors
 
 UNIFORM = {"pf-hybrid": {"method": "parameter-free", "pf_policy": "hybrid"},
            "pf-all": {"method": "parameter-free", "pf_policy": "all"},
            "replace-every-2": {"method": "replacement", "every": 2}}
 
 
-def kept_after(curves: dict[str, list[float]], epoch: int) -> str:
-    """The plan a race judged after ``epoch`` alone keeps (ties: the first listed)."""
-    names = list(curves)
-    return max(names, key=lambda n: (curves[n][epoch - 1], -names.index(n)))
-
-
 def kept_by_halving(curves: dict[str, list[float]], rungs: list[int]) -> str:
-    """The plan successive halving over ``rungs`` keeps (``repconv.train.race``'s rule, replayed on the curves)."""
+    """The plan a race over ``rungs`` keeps, replayed on the curves with ``repconv.train.race.survivors``."""
     names, alive = list(curves), list(curves)
     for r, rung in enumerate(rungs):
-        ranked = sorted(alive, key=lambda n: (-curves[n][rung - 1], names.index(n)))
-        alive = ranked[:1 if r == len(rungs) - 1 else math.ceil(len(alive) / 2)]
+        alive = survivors({n: curves[n][rung - 1] for n in alive}, names, last=r == len(rungs) - 1)
         if len(alive) == 1:
             break
     return alive[0]
+
+
+def kept_after(curves: dict[str, list[float]], epoch: int) -> str:
+    """The plan a race judged after ``epoch`` alone keeps (one rung; ties: the first listed)."""
+    return kept_by_halving(curves, [epoch])
 
 
 def races(arms: dict, seeds: list[int], epochs: int, rungs: list[int]) -> dict:

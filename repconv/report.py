@@ -447,7 +447,7 @@ def _search_section(search: SearchRecord) -> str:
     units = ", ".join(f"{_e(u)}: {_e(c)}" for u, c in choice.items()) or "none"
     start = r.get("start") or {}
     raced = (f"; the global stage went on from the {_e(start.get('chosen'))} start ({_e(race_summary(start))})"
-             if start.get("chosen") and start.get("scores") else "")
+             if start.get("chosen") else "")
     if r.get("contenders"):
         raced += (f"; {len(r['contenders'])} plans raced ("
                   + ", ".join(_e(c.get("name")) for c in r["contenders"]) + f"), {_e(r.get('kept'))} kept")

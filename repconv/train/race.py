@@ -60,6 +60,13 @@ def check_rungs(epochs: Rungs) -> tuple[int, ...]:
     return rungs
 
 
+def survivors(scores: Mapping[str, float], order: Sequence[str], *, last: bool) -> list[str]:
+    """The starts of ``scores`` (name -> the judge's metric at a rung) that go on: the better half, rounded up, or
+    the best alone at the ``last`` rung. Ties go to the start earlier in ``order``."""
+    ranked = sorted(scores, key=lambda n: (-scores[n], order.index(n)))
+    return ranked[:1 if last else math.ceil(len(ranked) / 2)]
+
+
 def race_output(output: str | os.PathLike, name: str) -> Path:
     """Where start ``name`` keeps its state while it races for ``output``."""
     return Path(f"{output}.start-{name}")
@@ -87,7 +94,7 @@ def race(starts: Mapping[str, nn.Module], train_set: Dataset, cfg: TrainConfig, 
     started = time.perf_counter()
     scores: dict[str, float | None] = {}
     rounds: list[dict] = []
-    alive, metric, reached = names, None, 0
+    alive, metric = names, None
     for r, rung in enumerate(rungs):
         for i, name in enumerate(alive, 1):
             arm = race_output(output, name)
@@ -99,13 +106,12 @@ def race(starts: Mapping[str, nn.Module], train_set: Dataset, cfg: TrainConfig, 
                       progress=progress, stop_after=rung, resume=r > 0)
             metric = res.select_metric
             scores[name] = res.history[-1].get(metric) if metric and res.history else None
-        rounds.append({"epochs": rung, "scores": {n: scores[n] for n in alive}})
-        reached = rung
-        if metric is None or any(scores[n] is None for n in alive):
+        at_rung = {n: scores[n] for n in alive}
+        rounds.append({"epochs": rung, "scores": at_rung})
+        if metric is None or None in at_rung.values():
             alive = alive[:1]  # nothing to judge by: the first start
         else:
-            ranked = sorted(alive, key=lambda n: (-scores[n], names.index(n)))
-            alive = ranked[:1 if r == len(rungs) - 1 else math.ceil(len(alive) / 2)]
+            alive = survivors(at_rung, names, last=r == len(rungs) - 1)
         if len(alive) == 1:
             break
     chosen = alive[0]
@@ -116,4 +122,5 @@ def race(starts: Mapping[str, nn.Module], train_set: Dataset, cfg: TrainConfig, 
             if metrics_path_for(arm).exists():
                 os.replace(metrics_path_for(arm), metrics_path_for(output))
         _discard(arm)
-    return starts[chosen], RaceResult(chosen, scores, metric, reached, round(time.perf_counter() - started, 1), rounds)
+    return starts[chosen], RaceResult(chosen, scores, metric, rounds[-1]["epochs"],
+                                      round(time.perf_counter() - started, 1), rounds)
